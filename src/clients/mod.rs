@@ -1,0 +1,1 @@
+//! HTTP clients for the Hetzner Cloud and Tailscale APIs (issue #3).

@@ -1,0 +1,1 @@
+//! Typed configuration (filled in by the foundation work).

@@ -1,0 +1,9 @@
+//! provisiond: turns a paid order into a running, tailnet-joined Hetzner VM.
+//!
+//! One crate, one binary with roles (see `main.rs`). PostgreSQL is the only state; every part
+//! below talks to it through `db` and never holds a transaction across an external call.
+
+pub mod clients;
+pub mod config;
+pub mod secret;
+pub mod sim;
