@@ -1,1 +1,396 @@
-//! Typed configuration (filled in by the foundation work).
+//! Typed configuration: a TOML file, then environment overrides, then secrets read from files.
+//!
+//! Precedence (last wins): built-in defaults < `--config` file < `PROVISIOND__SECTION__KEY`
+//! environment variables < `DATABASE_URL`. Secrets (`*_file` keys) are read from files so that
+//! systemd credentials (`LoadCredential=`) work; they are held as [`Secret`] and never printed.
+//! `config/provisiond.example.toml` documents every key; `tests/config.rs` keeps it loadable.
+
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("cannot read secret file {path} (for {key}): {source}")]
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub queue: QueueConfig,
+    pub worker: WorkerConfig,
+    pub sweep: SweepConfig,
+    /// Seed region name → Hetzner locations, first choice first.
+    pub regions: Regions,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://user:pass@host:port/db`. May carry a password, so it is a secret.
+    pub url: Option<Secret>,
+    /// File holding the URL (systemd credential); used when `url` and `DATABASE_URL` are unset.
+    pub url_file: Option<PathBuf>,
+    pub pool_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            url_file: None,
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// How long a claim holds a job without a heartbeat before the sweep may take it back.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// First retry delay; doubles per retry, with jitter, up to `backoff_cap`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_cap: Duration,
+    /// An external runner's job with no heartbeat for this long is failed (the seed's 900 s).
+    #[serde(with = "humantime_serde")]
+    pub external_timeout: Duration,
+    /// Retries after the first attempt, for new jobs (the seed's default 3).
+    pub max_retries: i32,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            lease_ttl: Duration::from_secs(60),
+            backoff_base: Duration::from_secs(10),
+            backoff_cap: Duration::from_secs(600),
+            external_timeout: Duration::from_secs(900),
+            max_retries: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerKind {
+    /// The real step machine: Tailscale key, Hetzner server, enrollment.
+    Provision,
+    /// Completes every job after `noop_hold` without touching any cloud. Tests and benchmarks only.
+    Noop,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Whether `serve` claims jobs at all (an HTTP-only host sets this to false).
+    pub enabled: bool,
+    pub handler: HandlerKind,
+    /// Jobs this process runs at once.
+    pub concurrency: usize,
+    /// Most jobs taken by one claim statement.
+    pub claim_batch: usize,
+    /// Polling backstop when no NOTIFY arrives.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How often the leases of all held jobs are extended (one UPDATE for all of them).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// On SIGTERM, how long running jobs get to reach a checkpoint before their leases are
+    /// handed back. Keep it under systemd's TimeoutStopSec.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// The noop handler's time per job.
+    #[serde(with = "humantime_serde")]
+    pub noop_hold: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            enabled: true,
+            handler: HandlerKind::Provision,
+            concurrency: 64,
+            claim_batch: 32,
+            poll_interval: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(15),
+            shutdown_grace: Duration::from_secs(20),
+            noop_hold: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweepConfig {
+    /// Cron expression with seconds (tokio-cron-scheduler), e.g. every 15 s.
+    pub schedule: String,
+}
+
+impl Default for SweepConfig {
+    fn default() -> Self {
+        SweepConfig {
+            schedule: "*/15 * * * * *".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Regions(pub BTreeMap<String, Vec<String>>);
+
+impl Default for Regions {
+    fn default() -> Self {
+        let map = [
+            ("us-east", &["ash"][..]),
+            ("us-west", &["hil"][..]),
+            ("eu-central", &["fsn1", "nbg1", "hel1"][..]),
+            ("ap-southeast", &["sin"][..]),
+        ]
+        .into_iter()
+        .map(|(r, l)| (r.to_owned(), l.iter().map(|s| (*s).to_owned()).collect()))
+        .collect();
+        Regions(map)
+    }
+}
+
+impl Regions {
+    pub fn contains(&self, region: &str) -> bool {
+        self.0.contains_key(region)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+const ENV_PREFIX: &str = "PROVISIOND__";
+
+impl Config {
+    /// Loads defaults, the optional file, and the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (mut tree, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                let tree: toml::Table =
+                    text.parse()
+                        .map_err(|e: toml::de::Error| ConfigError::Parse {
+                            origin: format!("in {}", p.display()),
+                            message: e.message().to_owned(),
+                        })?;
+                (tree, format!("in {}", p.display()))
+            }
+            None => (toml::Table::new(), "(defaults)".to_owned()),
+        };
+        let mut database_url = None;
+        for (key, value) in env {
+            if key == "DATABASE_URL" && !value.is_empty() {
+                database_url = Some(Secret::new(value));
+            } else if let Some(rest) = key.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut tree, rest, &value)?;
+            }
+        }
+        let mut config: Config =
+            Config::deserialize(toml::Value::Table(tree)).map_err(|e| ConfigError::Parse {
+                origin: origin.clone(),
+                message: e.message().to_owned(),
+            })?;
+        if database_url.is_some() {
+            config.database.url = database_url;
+        }
+        if config.database.url.is_none()
+            && let Some(path) = &config.database.url_file
+        {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                key: "database.url_file",
+                path: path.clone(),
+                source,
+            })?;
+            config.database.url = Some(Secret::new(text.trim()));
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let q = &self.queue;
+        let w = &self.worker;
+        if q.lease_ttl < Duration::from_secs(2) {
+            return invalid("queue.lease_ttl must be at least 2s".into());
+        }
+        if w.heartbeat_interval.is_zero() || w.heartbeat_interval * 2 > q.lease_ttl {
+            return invalid(format!(
+                "worker.heartbeat_interval ({}) must be non-zero and at most half of queue.lease_ttl ({}), \
+                 or a slow heartbeat loses leases",
+                humantime::format_duration(w.heartbeat_interval),
+                humantime::format_duration(q.lease_ttl)
+            ));
+        }
+        if q.backoff_base.is_zero() || q.backoff_cap < q.backoff_base {
+            return invalid("queue.backoff_base must be > 0 and <= queue.backoff_cap".into());
+        }
+        if q.backoff_cap > Duration::from_secs(24 * 3600) {
+            return invalid("queue.backoff_cap must be at most 24h".into());
+        }
+        if !(0..=100).contains(&q.max_retries) {
+            return invalid("queue.max_retries must be between 0 and 100".into());
+        }
+        if q.external_timeout < Duration::from_secs(10) {
+            return invalid("queue.external_timeout must be at least 10s".into());
+        }
+        if w.concurrency == 0 || w.claim_batch == 0 {
+            return invalid("worker.concurrency and worker.claim_batch must be at least 1".into());
+        }
+        if w.poll_interval.is_zero() {
+            return invalid("worker.poll_interval must be > 0".into());
+        }
+        if self.database.pool_size < 2 {
+            return invalid("database.pool_size must be at least 2".into());
+        }
+        if self.regions.0.is_empty() {
+            return invalid("at least one region must be configured".into());
+        }
+        for (region, locations) in &self.regions.0 {
+            if !crate::domain::valid_region_name(region) || locations.is_empty() {
+                return invalid(format!(
+                    "region {region:?} needs a lowercase name and at least one location"
+                ));
+            }
+        }
+        if self.sweep.schedule.trim().is_empty() {
+            return invalid("sweep.schedule must be a cron expression".into());
+        }
+        Ok(())
+    }
+
+    /// The database URL, or a clear error naming where it can come from.
+    pub fn database_url(&self) -> Result<&Secret, ConfigError> {
+        self.database.url.as_ref().ok_or_else(|| {
+            ConfigError::Invalid(
+                "no database URL: set DATABASE_URL, database.url or database.url_file".into(),
+            )
+        })
+    }
+}
+
+/// `WORKER__CONCURRENCY=8` sets `[worker] concurrency = 8`. The value is read as a TOML literal
+/// when it parses as one (numbers, booleans, arrays), else as a string.
+fn apply_override(tree: &mut toml::Table, path: &str, value: &str) -> Result<(), ConfigError> {
+    let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+    if keys.iter().any(String::is_empty) {
+        return Err(ConfigError::Invalid(format!(
+            "environment override {ENV_PREFIX}{path} has an empty key"
+        )));
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let (last, parents) = keys.split_last().expect("split yields at least one key");
+    let mut table = tree;
+    for key in parents {
+        let entry = table
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "environment override {ENV_PREFIX}{path}: {key} is not a section"
+                )));
+            }
+        };
+    }
+    table.insert(last.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(c.queue.max_retries, 3);
+        assert_eq!(c.queue.external_timeout, Duration::from_secs(900));
+        assert!(c.regions.contains("eu-central"));
+    }
+
+    #[test]
+    fn env_overrides_and_database_url() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("PROVISIOND__WORKER__CONCURRENCY", "7"),
+                ("PROVISIOND__QUEUE__LEASE_TTL", "90s"),
+                ("PROVISIOND__WORKER__HANDLER", "noop"),
+                ("DATABASE_URL", "postgres://u:hunter2@h/db"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.worker.concurrency, 7);
+        assert_eq!(c.queue.lease_ttl, Duration::from_secs(90));
+        assert_eq!(c.worker.handler, HandlerKind::Noop);
+        assert_eq!(
+            c.database_url().unwrap().expose(),
+            "postgres://u:hunter2@h/db"
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let e = Config::load_with_env(None, env(&[("PROVISIOND__WORKER__BOGUS", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::load_with_env(None, env(&[("PROVISIOND__QUEUE__LEASE_TTL", "3s")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("heartbeat_interval"), "{e}");
+    }
+}

@@ -5,5 +5,8 @@
 
 pub mod clients;
 pub mod config;
+pub mod db;
+pub mod domain;
+pub mod queue;
 pub mod secret;
 pub mod sim;

@@ -1,0 +1,126 @@
+//! The connection pool, embedded migrations, and the row types.
+//!
+//! Everything speaks PostgreSQL through diesel-async (tokio-postgres underneath): no libpq is
+//! linked anywhere, migrations included. Nothing here holds a transaction across an await on
+//! anything but the database itself.
+
+pub mod models;
+pub mod schema;
+
+use crate::secret::Secret;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::bb8;
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use std::time::Duration;
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+pub type Pool = bb8::Pool<AsyncPgConnection>;
+pub type PooledConn<'a> = bb8::PooledConnection<'a, AsyncPgConnection>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database unreachable: {0}")]
+    Connect(String),
+    #[error("no database connection available: {0}")]
+    Pool(String),
+    #[error("database error: {0}")]
+    Query(#[from] DieselError),
+    #[error("migration failed: {0}")]
+    Migration(String),
+}
+
+impl From<bb8::RunError> for DbError {
+    fn from(e: bb8::RunError) -> Self {
+        DbError::Pool(e.to_string())
+    }
+}
+
+impl DbError {
+    /// A unique violation (23505), which our queue treats as "lost a race, try again".
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(
+            self,
+            DbError::Query(DieselError::DatabaseError(
+                DatabaseErrorKind::UniqueViolation,
+                _
+            ))
+        )
+    }
+}
+
+/// Opens one connection, with a deadline, so that a wrong URL or a stopped server is one clear
+/// error instead of a pool retrying in the background.
+pub async fn establish(url: &Secret, timeout: Duration) -> Result<AsyncPgConnection, DbError> {
+    match tokio::time::timeout(timeout, AsyncPgConnection::establish(url.expose())).await {
+        Ok(Ok(conn)) => Ok(conn),
+        // The error text from tokio-postgres names host and port but not the password.
+        Ok(Err(e)) => Err(DbError::Connect(e.to_string())),
+        Err(_) => Err(DbError::Connect(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        ))),
+    }
+}
+
+/// Checks that the database answers, then builds the pool.
+pub async fn connect(url: &Secret, size: u32, timeout: Duration) -> Result<Pool, DbError> {
+    drop(establish(url, timeout).await?);
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.expose());
+    bb8::Pool::builder()
+        .max_size(size)
+        // bb8 would otherwise run a query on every checkout, doubling our round trips; a broken
+        // connection is detected on return (`is_broken`) and replaced instead.
+        .test_on_check_out(false)
+        .connection_timeout(timeout)
+        .build(manager)
+        .await
+        .map_err(|e| DbError::Connect(e.to_string()))
+}
+
+/// Applies pending migrations; returns the versions applied.
+pub async fn migrate(url: &Secret, timeout: Duration) -> Result<Vec<String>, DbError> {
+    let conn = establish(url, timeout).await?;
+    run_blocking_harness(conn, |h| {
+        h.run_pending_migrations(MIGRATIONS)
+            .map(|v| v.iter().map(ToString::to_string).collect())
+    })
+    .await
+}
+
+/// Reverts every migration (used by tests to prove the down migrations work).
+pub async fn revert_all(url: &Secret, timeout: Duration) -> Result<Vec<String>, DbError> {
+    let conn = establish(url, timeout).await?;
+    run_blocking_harness(conn, |h| {
+        h.revert_all_migrations(MIGRATIONS)
+            .map(|v| v.iter().map(ToString::to_string).collect())
+    })
+    .await
+}
+
+/// Whether migrations are pending (readiness reports this).
+pub async fn pending_migrations(url: &Secret, timeout: Duration) -> Result<bool, DbError> {
+    let conn = establish(url, timeout).await?;
+    run_blocking_harness(conn, |h| h.has_pending_migration(MIGRATIONS)).await
+}
+
+type Harness = AsyncConnectionWrapper<AsyncPgConnection>;
+
+async fn run_blocking_harness<T: Send + 'static>(
+    conn: AsyncPgConnection,
+    f: impl FnOnce(&mut Harness) -> Result<T, Box<dyn std::error::Error + Send + Sync + 'static>>
+    + Send
+    + 'static,
+) -> Result<T, DbError> {
+    // diesel_migrations is synchronous; the wrapper blocks on the async connection, which must
+    // happen off the async worker threads.
+    tokio::task::spawn_blocking(move || {
+        let mut harness: Harness = AsyncConnectionWrapper::from(conn);
+        f(&mut harness).map_err(|e| DbError::Migration(e.to_string()))
+    })
+    .await
+    .map_err(|e| DbError::Migration(format!("migration task failed: {e}")))?
+}

@@ -1,0 +1,493 @@
+//! The queue against real PostgreSQL: concurrency, fencing, retries, sweep, terminal states.
+
+mod support;
+
+use provisiond::db::models::{Job, Lease};
+use provisiond::domain::{Executor, JobStatus};
+use provisiond::queue::{Enqueued, FailOutcome, Failure, NewJob, Queue, QueueError, QueueSettings};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use support::TestDb;
+use uuid::Uuid;
+
+fn settings() -> QueueSettings {
+    QueueSettings {
+        lease_ttl: Duration::from_secs(30),
+        backoff_base: Duration::from_secs(10),
+        backoff_cap: Duration::from_secs(600),
+        external_timeout: Duration::from_secs(900),
+        default_max_retries: 3,
+    }
+}
+
+async fn queue(db: &TestDb) -> Queue {
+    Queue::new(db.pool().await, settings())
+}
+
+fn new_job(user: Uuid) -> NewJob {
+    NewJob {
+        agent_id: Uuid::new_v4(),
+        user_id: user,
+        region: "eu-central".into(),
+        stripe_event_id: None,
+        business_key: None,
+        executor: Executor::Daemon,
+        max_retries: None,
+    }
+}
+
+/// Inserts `n` queued daemon jobs in one statement; `users` distinct users, round robin.
+async fn bulk_enqueue(db: &TestDb, n: usize, users: usize) {
+    db.exec(&format!(
+        "WITH u AS (SELECT g, ('00000000-0000-0000-0000-' || lpad(to_hex(g % {users}), 12, '0'))::uuid AS user_id
+                    FROM generate_series(1, {n}) g),
+              a AS (INSERT INTO agents (id, user_id) SELECT gen_random_uuid(), user_id FROM u RETURNING id, user_id)
+         INSERT INTO provisioning_jobs (agent_id, user_id, created_at)
+         SELECT id, user_id, now() + row_number() OVER () * interval '1 microsecond' FROM a"
+    ))
+    .await;
+}
+
+async fn status_of(q: &Queue, id: Uuid) -> JobStatus {
+    q.get(id).await.unwrap().unwrap().status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_concurrent_claimers_claim_every_job_exactly_once() {
+    let db = TestDb::new().await;
+    bulk_enqueue(&db, 2000, 2000).await;
+    let q = queue(&db).await;
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("claimer-{w}");
+            let mut mine = Vec::new();
+            loop {
+                let jobs = q.claim(&owner, 16).await.unwrap();
+                if jobs.is_empty() {
+                    break;
+                }
+                let leases: Vec<Lease> = jobs.iter().map(|j| j.lease().unwrap()).collect();
+                assert!(q.complete_many(&leases).await.unwrap().iter().all(|ok| *ok));
+                mine.extend(jobs.into_iter().map(|j| j.id));
+            }
+            mine
+        }));
+    }
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    for t in tasks {
+        for id in t.await.unwrap() {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len(), 2000, "every job claimed");
+    assert!(seen.values().all(|n| *n == 1), "no job claimed twice");
+    assert_eq!(
+        db.count("SELECT count(*) FROM provisioning_jobs WHERE status = 'running'")
+            .await,
+        2000
+    );
+    // Each claim and completion left its audit row.
+    assert_eq!(
+        db.count("SELECT count(*) FROM job_events WHERE message IN ('claimed', 'completed')")
+            .await,
+        4000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_user_never_has_two_jobs_provisioning_and_all_get_claimed() {
+    let db = TestDb::new().await;
+    bulk_enqueue(&db, 50, 1).await;
+    let q = queue(&db).await;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (q, in_flight, max_seen) = (q.clone(), in_flight.clone(), max_seen.clone());
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("claimer-{w}");
+            let mut claimed = 0;
+            let mut idle_rounds = 0;
+            while idle_rounds < 200 {
+                let jobs = q.claim(&owner, 10).await.unwrap();
+                if jobs.is_empty() {
+                    idle_rounds += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                idle_rounds = 0;
+                assert_eq!(jobs.len(), 1, "one statement took two jobs of one user");
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                max_seen.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                q.complete(&jobs[0].lease().unwrap()).await.unwrap();
+                claimed += 1;
+            }
+            claimed
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 50, "all of the user's jobs were claimed");
+    assert_eq!(max_seen.load(Ordering::SeqCst), 1, "never two in flight");
+}
+
+#[tokio::test]
+async fn the_database_refuses_a_second_provisioning_job_for_a_user() {
+    let db = TestDb::new().await;
+    bulk_enqueue(&db, 2, 1).await;
+    let q = queue(&db).await;
+    assert_eq!(q.claim("a", 10).await.unwrap().len(), 1);
+    // Even a writer that bypasses the claim SQL cannot break the rule.
+    let mut conn = db.conn().await;
+    let err = diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(
+            "UPDATE provisioning_jobs SET status = 'provisioning', lease_token = gen_random_uuid() \
+             WHERE status = 'queued'",
+        ),
+        &mut conn,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("one_provisioning_per_user"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_enqueues_of_one_purchase_create_one_row() {
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    let agent = Uuid::new_v4();
+    let user = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let q = q.clone();
+        // Half repeat the same event; the other half are other events for the same session.
+        let event = if i % 2 == 0 {
+            "evt_same".to_owned()
+        } else {
+            format!("evt_other_{i}")
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut job = new_job(user);
+            job.agent_id = agent;
+            job.stripe_event_id = Some(event);
+            job.business_key = Some("cs_test_session_1".into());
+            q.enqueue(&job).await.unwrap()
+        }));
+    }
+    let mut ids = Vec::new();
+    let mut created = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        created += r.created() as usize;
+        ids.push(r.job().id);
+    }
+    assert_eq!(created, 1);
+    assert!(
+        ids.iter().all(|id| *id == ids[0]),
+        "every caller got the same job"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM provisioning_jobs").await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM agents").await, 1);
+}
+
+#[tokio::test]
+async fn duplicate_event_returns_existing_job_and_wrong_owner_is_refused() {
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    let mut job = new_job(Uuid::new_v4());
+    job.stripe_event_id = Some("evt_1".into());
+    let first = q.enqueue(&job).await.unwrap();
+    assert!(first.created());
+    let again = q.enqueue(&job).await.unwrap();
+    assert!(matches!(again, Enqueued::Existing(ref j) if j.id == first.job().id));
+
+    // The same agent for another user: refused, nothing written.
+    let mut other = new_job(Uuid::new_v4());
+    other.agent_id = job.agent_id;
+    let err = q.enqueue(&other).await.unwrap_err();
+    assert!(
+        matches!(err, QueueError::AgentOfAnotherUser { .. }),
+        "{err}"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM provisioning_jobs").await, 1);
+}
+
+#[tokio::test]
+async fn notify_is_sent_in_the_enqueue_transaction() {
+    use futures::StreamExt;
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    let mut listener = db.conn().await;
+    diesel_async::RunQueryDsl::execute(diesel::sql_query("LISTEN provisiond_jobs"), &mut listener)
+        .await
+        .unwrap();
+    q.enqueue(&new_job(Uuid::new_v4())).await.unwrap();
+    let mut stream = std::pin::pin!(listener.notifications_stream());
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a notification")
+        .unwrap()
+        .unwrap();
+    assert_eq!(n.channel, provisiond::queue::NOTIFY_CHANNEL);
+}
+
+async fn claim_one(q: &Queue, owner: &str) -> Job {
+    let mut jobs = q.claim(owner, 1).await.unwrap();
+    assert_eq!(jobs.len(), 1, "{owner} claims a job");
+    jobs.remove(0)
+}
+
+#[tokio::test]
+async fn stale_worker_cannot_write_after_its_job_is_reclaimed() {
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    q.enqueue(&new_job(Uuid::new_v4())).await.unwrap();
+    let stale = claim_one(&q, "worker-a").await;
+    let stale_lease = stale.lease().unwrap();
+
+    // Worker A stalls: its lease runs out, the sweep puts the job back, worker B takes it.
+    db.exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
+        .await;
+    let report = q.sweep().await.unwrap();
+    assert_eq!(report.retried, vec![stale.id]);
+    db.exec("UPDATE provisioning_jobs SET run_after = now()")
+        .await;
+    let fresh = claim_one(&q, "worker-b").await;
+    assert_eq!(fresh.id, stale.id);
+    q.checkpoint(
+        &fresh.lease().unwrap(),
+        "key_minted",
+        "minted",
+        serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    let before = q.get(stale.id).await.unwrap().unwrap();
+
+    let lost =
+        |r: Result<(), QueueError>| matches!(r, Err(QueueError::LeaseLost(id)) if id == stale.id);
+    assert!(lost(
+        q.checkpoint(&stale_lease, "vm_created", "stale", serde_json::json!({}))
+            .await
+    ));
+    assert!(lost(q.complete(&stale_lease).await));
+    let fail = q
+        .fail(
+            &stale_lease,
+            &Failure {
+                error: "stale".into(),
+                step: None,
+                retryable: false,
+            },
+        )
+        .await;
+    assert!(matches!(fail, Err(QueueError::LeaseLost(_))));
+    assert!(q.extend_leases(&[stale_lease]).await.unwrap().is_empty());
+    assert_eq!(q.hand_back(&[stale_lease]).await.unwrap(), vec![false]);
+
+    let after = q.get(stale.id).await.unwrap().unwrap();
+    assert_eq!(before, after, "the stale worker changed nothing");
+    assert_eq!(after.lease_owner.as_deref(), Some("worker-b"));
+    assert_eq!(after.current_step.as_deref(), Some("key_minted"));
+}
+
+#[tokio::test]
+async fn expired_leases_retry_with_backoff_until_max_retries_then_fail() {
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    let mut job = new_job(Uuid::new_v4());
+    job.max_retries = Some(2);
+    let id = q.enqueue(&job).await.unwrap().job().id;
+
+    for expected_retries in 1..=2 {
+        let claimed = claim_one(&q, "w").await;
+        q.checkpoint(
+            &claimed.lease().unwrap(),
+            "vm_created",
+            "created",
+            serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+        db.exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
+            .await;
+        let report = q.sweep().await.unwrap();
+        assert_eq!(report.retried, vec![id]);
+        let j = q.get(id).await.unwrap().unwrap();
+        assert_eq!(j.status(), JobStatus::Queued);
+        assert_eq!(j.retry_count, expected_retries);
+        assert!(j.lease_token.is_none());
+        assert!(j.last_error.as_deref().unwrap().contains("lease expired"));
+        // Backoff: base 10 s doubled per retry, at least half of it guaranteed.
+        let min_delay = chrono::Duration::seconds(5 << (expected_retries - 1));
+        assert!(j.run_after > chrono::Utc::now() + min_delay - chrono::Duration::seconds(1));
+        assert!(
+            q.claim("w", 1).await.unwrap().is_empty(),
+            "not claimable during backoff"
+        );
+        db.exec("UPDATE provisioning_jobs SET run_after = now()")
+            .await;
+    }
+    claim_one(&q, "w").await;
+    db.exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
+        .await;
+    let report = q.sweep().await.unwrap();
+    assert_eq!(report.failed, vec![id]);
+    let j = q.get(id).await.unwrap().unwrap();
+    assert_eq!(j.status(), JobStatus::Failed);
+    assert_eq!(j.retry_count, 2);
+    assert!(j.error.as_deref().unwrap().contains("lease expired"));
+    assert_eq!(j.failed_step.as_deref(), Some("vm_created"));
+    assert!(j.completed_at.is_some());
+}
+
+#[tokio::test]
+async fn worker_failures_retry_with_backoff_or_fail_for_good() {
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    let id = q.enqueue(&new_job(Uuid::new_v4())).await.unwrap().job().id;
+    let lease = claim_one(&q, "w").await.lease().unwrap();
+    let retry = Failure {
+        error: "hetzner 503".into(),
+        step: Some("vm_created".into()),
+        retryable: true,
+    };
+    match q.fail(&lease, &retry).await.unwrap() {
+        FailOutcome::RetryScheduled { run_after } => {
+            assert!(run_after > chrono::Utc::now() + chrono::Duration::seconds(4))
+        }
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    let j = q.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.status(), j.retry_count, j.error.as_deref()),
+        (JobStatus::Queued, 1, None)
+    );
+
+    db.exec("UPDATE provisioning_jobs SET run_after = now()")
+        .await;
+    let lease = claim_one(&q, "w").await.lease().unwrap();
+    let fatal = Failure {
+        error: "invalid_input".into(),
+        step: Some("vm_created".into()),
+        retryable: false,
+    };
+    assert_eq!(q.fail(&lease, &fatal).await.unwrap(), FailOutcome::Failed);
+    let j = q.get(id).await.unwrap().unwrap();
+    assert_eq!(j.status(), JobStatus::Failed);
+    assert_eq!(j.error.as_deref(), Some("invalid_input"));
+    assert_eq!(j.failed_step.as_deref(), Some("vm_created"));
+    assert_eq!(j.retry_count, 1, "a fatal failure spends no retry");
+}
+
+#[tokio::test]
+async fn silent_external_runner_is_failed_by_the_sweep_and_by_the_status_check() {
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let mut j = new_job(Uuid::new_v4());
+        j.executor = Executor::External;
+        ids.push(q.enqueue(&j).await.unwrap().job().id);
+    }
+    // A runner reported `provisioning` for all three; two went silent 1000 s ago.
+    db.exec("UPDATE provisioning_jobs SET status = 'provisioning', claimed_at = now(), last_heartbeat_at = now()")
+        .await;
+    db.exec(&format!(
+        "UPDATE provisioning_jobs SET last_heartbeat_at = now() - interval '1000 seconds' WHERE id IN ('{}', '{}')",
+        ids[0], ids[1]
+    ))
+    .await;
+    // The daemon never claims external jobs.
+    assert!(q.claim("w", 10).await.unwrap().is_empty());
+
+    assert!(q.check_job_timeout(ids[0]).await.unwrap());
+    assert!(
+        !q.check_job_timeout(ids[2]).await.unwrap(),
+        "a live runner is left alone"
+    );
+    let report = q.sweep().await.unwrap();
+    assert_eq!(report.failed, vec![ids[1]]);
+    for id in &ids[..2] {
+        let j = q.get(*id).await.unwrap().unwrap();
+        assert_eq!(j.status(), JobStatus::Failed);
+        let err = j.error.unwrap();
+        assert!(err.starts_with("Timeout: No heartbeat for 100"), "{err}");
+    }
+    assert_eq!(status_of(&q, ids[2]).await, JobStatus::Provisioning);
+}
+
+#[tokio::test]
+async fn running_and_failed_jobs_never_go_back() {
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    let done = q.enqueue(&new_job(Uuid::new_v4())).await.unwrap().job().id;
+    let failed = q.enqueue(&new_job(Uuid::new_v4())).await.unwrap().job().id;
+    let jobs = q.claim("w", 10).await.unwrap();
+    let lease_of = |id| jobs.iter().find(|j| j.id == id).unwrap().lease().unwrap();
+    q.complete(&lease_of(done)).await.unwrap();
+    let fatal = Failure {
+        error: "boom".into(),
+        step: None,
+        retryable: false,
+    };
+    q.fail(&lease_of(failed), &fatal).await.unwrap();
+
+    // Late writes through the queue are refused by the fence...
+    assert!(q.complete(&lease_of(failed)).await.is_err());
+    assert!(q.fail(&lease_of(done), &fatal).await.is_err());
+    assert!(q.sweep().await.unwrap() == Default::default());
+    // ...and a writer that bypasses it is refused by the database.
+    let mut conn = db.conn().await;
+    for (id, to) in [
+        (done, "queued"),
+        (done, "failed"),
+        (failed, "running"),
+        (failed, "provisioning"),
+    ] {
+        let err = diesel_async::RunQueryDsl::execute(
+            diesel::sql_query(format!(
+                "UPDATE provisioning_jobs SET status = '{to}' WHERE id = '{id}'"
+            )),
+            &mut conn,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("cannot become"), "{err}");
+    }
+    assert_eq!(status_of(&q, done).await, JobStatus::Running);
+    assert_eq!(status_of(&q, failed).await, JobStatus::Failed);
+    // The one way out of `failed` is a recorded operator retry.
+    db.exec(&format!(
+        "UPDATE provisioning_jobs SET status = 'queued', operator_retries = operator_retries + 1 WHERE id = '{failed}'"
+    ))
+    .await;
+    assert_eq!(status_of(&q, failed).await, JobStatus::Queued);
+}
+
+#[tokio::test]
+async fn heartbeat_extends_all_held_leases_in_one_statement() {
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    bulk_enqueue(&db, 5, 5).await;
+    let jobs = q.claim("w", 5).await.unwrap();
+    db.exec("UPDATE provisioning_jobs SET lease_expires_at = now() + interval '1 second', last_heartbeat_at = now() - interval '1 minute'").await;
+    let leases: Vec<Lease> = jobs.iter().map(|j| j.lease().unwrap()).collect();
+    let held = q.extend_leases(&leases).await.unwrap();
+    assert_eq!(held.len(), 5);
+    assert_eq!(
+        db.count("SELECT count(*) FROM provisioning_jobs WHERE lease_expires_at > now() + interval '20 seconds' AND last_heartbeat_at > now() - interval '5 seconds'").await,
+        5
+    );
+}
