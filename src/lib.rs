@@ -3,6 +3,7 @@
 //! One crate, one binary with roles (see `main.rs`). PostgreSQL is the only state; every part
 //! below talks to it through `db` and never holds a transaction across an external call.
 
+pub mod app;
 pub mod clients;
 pub mod config;
 pub mod db;
@@ -10,3 +11,5 @@ pub mod domain;
 pub mod queue;
 pub mod secret;
 pub mod sim;
+pub mod telemetry;
+pub mod worker;

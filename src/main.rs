@@ -1,1 +1,287 @@
-fn main() {}
+//! `provisiond`: thin subcommands over the library. Errors are one line on stderr and a non-zero
+//! exit; results go to stdout (JSON with `--json`).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use provisiond::config::Config;
+use provisiond::domain::{Executor, JobStatus};
+use provisiond::queue::NewJob;
+use provisiond::{app, telemetry};
+use std::path::PathBuf;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "provisiond",
+    version,
+    about = "Turns a paid order into a running, tailnet-joined Hetzner VM"
+)]
+struct Cli {
+    /// TOML config file (see config/provisiond.example.toml). DATABASE_URL and
+    /// PROVISIOND__SECTION__KEY environment variables override it.
+    #[arg(long, global = true, env = "PROVISIOND_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending database migrations.
+    Migrate,
+    /// Run the daemon: migrations, worker, scheduled sweep.
+    Serve,
+    /// Enqueue a provisioning job and print it as JSON (an existing job for the same key is
+    /// returned, not duplicated).
+    Enqueue {
+        #[arg(long)]
+        agent: Uuid,
+        #[arg(long)]
+        user: Uuid,
+        #[arg(long, default_value = "us-east")]
+        region: String,
+        /// Business idempotency key (e.g. a Checkout Session id).
+        #[arg(long)]
+        key: Option<String>,
+        /// Run by an external runner that posts callbacks, instead of this daemon.
+        #[arg(long)]
+        external: bool,
+    },
+    /// Inspect jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+    /// Retry or fail stale jobs now (the scheduled sweep, on demand).
+    Sweep,
+    /// Load and validate the configuration, and check the database.
+    CheckConfig,
+    /// Run the Hetzner Cloud + Tailscale API simulator.
+    Sim(provisiond::sim::SimArgs),
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Newest first.
+    List {
+        #[arg(long)]
+        status: Option<JobStatus>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One job and its events.
+    Show {
+        id: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Appends a line to the command's output. Writing to a String cannot fail.
+macro_rules! w {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("provisiond: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(text) => {
+            use std::io::Write as _;
+            // A closed pipe (`provisiond jobs list | head`) is not an error worth a panic.
+            match std::io::stdout().lock().write_all(text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("provisiond: error: cannot write output: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+                _ => std::process::ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            // One line: the error and its causes.
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("provisiond: error: {}", chain.join(": "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<String> {
+    let mut out = String::new();
+    if let Command::Sim(args) = cli.command {
+        provisiond::sim::run(args).await?;
+        return Ok(out);
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Migrate => {
+            let url = config.database_url()?;
+            let applied = provisiond::db::migrate(url, config.database.connect_timeout).await?;
+            if applied.is_empty() {
+                w!(out, "migrations: up to date");
+            } else {
+                w!(out, "applied migrations: {}", applied.join(", "));
+            }
+        }
+        Command::Serve => app::serve(config, app::shutdown_on_signals()).await?,
+        Command::Enqueue {
+            agent,
+            user,
+            region,
+            key,
+            external,
+        } => {
+            if !config.regions.contains(&region) {
+                anyhow::bail!(
+                    "unknown region {region:?}; configured regions: {}",
+                    config.regions.names().join(", ")
+                );
+            }
+            if let Some(k) = &key
+                && !provisiond::domain::valid_business_key(k)
+            {
+                anyhow::bail!("--key must be 1-255 characters of letters, digits, _ - . :");
+            }
+            let queue = app::open_queue(&config, false).await?;
+            let new = NewJob {
+                agent_id: agent,
+                user_id: user,
+                region,
+                stripe_event_id: None,
+                business_key: key,
+                executor: if external {
+                    Executor::External
+                } else {
+                    Executor::Daemon
+                },
+                max_retries: None,
+            };
+            let result = queue.enqueue(&new).await?;
+            let json = serde_json::json!({ "created": result.created(), "job": result.job() });
+            w!(out, "{}", serde_json::to_string_pretty(&json)?);
+        }
+        Command::Jobs { command } => {
+            let queue = app::open_queue(&config, false).await?;
+            match command {
+                JobsCommand::List {
+                    status,
+                    limit,
+                    json,
+                } => {
+                    if !(1..=10_000).contains(&limit) {
+                        anyhow::bail!("--limit must be between 1 and 10000");
+                    }
+                    let jobs = queue.list(status, limit).await?;
+                    if json {
+                        w!(out, "{}", serde_json::to_string_pretty(&jobs)?);
+                    } else {
+                        w!(
+                            out,
+                            "{:<36}  {:<12}  {:<12}  {:>5}  {:<18}  CREATED",
+                            "ID",
+                            "STATUS",
+                            "REGION",
+                            "TRIES",
+                            "STEP"
+                        );
+                        for j in jobs {
+                            w!(
+                                out,
+                                "{:<36}  {:<12}  {:<12}  {:>5}  {:<18}  {}",
+                                j.id,
+                                j.status().as_str(),
+                                j.region,
+                                j.retry_count + 1,
+                                j.current_step.as_deref().unwrap_or("-"),
+                                j.created_at.format("%Y-%m-%d %H:%M:%S"),
+                            );
+                        }
+                    }
+                }
+                JobsCommand::Show { id, json } => {
+                    let job = queue
+                        .get(id)
+                        .await?
+                        .with_context(|| format!("no job {id}"))?;
+                    let events = queue.events(id).await?;
+                    if json {
+                        let json = serde_json::json!({ "job": job, "events": events });
+                        w!(out, "{}", serde_json::to_string_pretty(&json)?);
+                    } else {
+                        w!(out, "job       {}", job.id);
+                        w!(out, "status    {}", job.status());
+                        w!(out, "executor  {}", job.executor());
+                        w!(out, "agent     {}   user {}", job.agent_id, job.user_id);
+                        w!(out, "region    {}", job.region);
+                        w!(
+                            out,
+                            "attempt   {} of {}",
+                            job.retry_count + 1,
+                            job.max_retries + 1
+                        );
+                        if let Some(e) = &job.error {
+                            w!(
+                                out,
+                                "error     {e} (step {})",
+                                job.failed_step.as_deref().unwrap_or("-")
+                            );
+                        }
+                        w!(out, "events:");
+                        for e in events {
+                            w!(
+                                out,
+                                "  {}  {:<18}  {}  {}",
+                                e.at.format("%H:%M:%S%.3f"),
+                                e.step.as_deref().unwrap_or("-"),
+                                e.message,
+                                e.data
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Command::Sweep => {
+            let queue = app::open_queue(&config, false).await?;
+            let report = queue.sweep().await?;
+            w!(out, "{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::CheckConfig => {
+            w!(out, "config: ok");
+            w!(
+                out,
+                "  worker: enabled={} handler={:?} concurrency={}",
+                config.worker.enabled,
+                config.worker.handler,
+                config.worker.concurrency
+            );
+            w!(out, "  regions: {}", config.regions.names().join(", "));
+            let url = config.database_url()?;
+            let pending =
+                provisiond::db::pending_migrations(url, config.database.connect_timeout).await?;
+            w!(
+                out,
+                "database: reachable; migrations {}",
+                if pending {
+                    "pending (run `provisiond migrate`)"
+                } else {
+                    "up to date"
+                }
+            );
+        }
+        Command::Sim(_) => unreachable!("handled above"),
+    }
+    Ok(out)
+}

@@ -11,7 +11,7 @@
 //!
 //! It knows nothing about Hetzner or Tailscale.
 
-use crate::db::models::{DbExecutor, Job, JobEvent, Lease};
+use crate::db::models::{Job, JobEvent, Lease};
 use crate::db::schema::{job_events, provisioning_jobs};
 use crate::db::{DbError, Pool};
 use crate::domain::{Executor, JobStatus};
@@ -580,10 +580,11 @@ impl Queue {
         Ok(rows.into_iter().map(|(s, n)| (s.0, n)).collect())
     }
 
-    /// Whether a job is run by the daemon or an external runner.
-    pub fn executor_of(job: &Job) -> Executor {
-        let DbExecutor(e) = job.executor;
-        e
+    /// One round trip to the database (health checks).
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.pool.get().await?;
+        diesel::sql_query("SELECT 1").execute(&mut conn).await?;
+        Ok(())
     }
 }
 

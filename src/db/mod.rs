@@ -57,13 +57,40 @@ impl DbError {
 pub async fn establish(url: &Secret, timeout: Duration) -> Result<AsyncPgConnection, DbError> {
     match tokio::time::timeout(timeout, AsyncPgConnection::establish(url.expose())).await {
         Ok(Ok(conn)) => Ok(conn),
-        // The error text from tokio-postgres names host and port but not the password.
-        Ok(Err(e)) => Err(DbError::Connect(e.to_string())),
+        Ok(Err(e)) => Err(DbError::Connect(connect_failure_detail(url, e).await)),
         Err(_) => Err(DbError::Connect(format!(
             "no answer within {}",
             humantime::format_duration(timeout)
         ))),
     }
+}
+
+/// diesel-async flattens the connect error to its first line ("error connecting to server");
+/// one more attempt through tokio-postgres gives the cause ("Connection refused") for the
+/// operator. Neither message contains the password.
+async fn connect_failure_detail(url: &Secret, e: diesel::ConnectionError) -> String {
+    let Ok(config) = url.expose().parse::<tokio_postgres::Config>() else {
+        return e.to_string();
+    };
+    match config.connect(tokio_postgres::NoTls).await {
+        Err(detailed) => error_chain(&detailed),
+        Ok(_) => e.to_string(),
+    }
+}
+
+/// An error and its sources on one line ("error connecting to server: Connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Checks that the database answers, then builds the pool.
