@@ -212,9 +212,12 @@ impl Config {
                             origin: format!("in {}", p.display()),
                             message: e.message().to_owned(),
                         })?;
-                (tree, format!("in {}", p.display()))
+                (
+                    tree,
+                    format!("in {} (with environment overrides)", p.display()),
+                )
             }
-            None => (toml::Table::new(), "(defaults)".to_owned()),
+            None => (toml::Table::new(), "(defaults and environment)".to_owned()),
         };
         let mut database_url = None;
         for (key, value) in env {
@@ -224,10 +227,11 @@ impl Config {
                 apply_override(&mut tree, rest, &value)?;
             }
         }
-        let mut config: Config =
-            Config::deserialize(toml::Value::Table(tree)).map_err(|e| ConfigError::Parse {
+        // serde_path_to_error names the key that failed ("queue.lease_ttl: ...").
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
+            .map_err(|e| ConfigError::Parse {
                 origin: origin.clone(),
-                message: e.message().to_owned(),
+                message: format!("{}: {}", e.path(), e.inner().message()),
             })?;
         if database_url.is_some() {
             config.database.url = database_url;

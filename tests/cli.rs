@@ -1,0 +1,278 @@
+//! The `provisiond` binary, black-box: CLI output and errors, and `serve` under SIGTERM.
+
+mod support;
+
+use provisiond::domain::JobStatus;
+use provisiond::queue::{Queue, QueueSettings};
+use provisiond::worker::{NoopHandler, Worker, WorkerSettings};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::TestDb;
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_provisiond");
+
+fn provisiond(db: &TestDb) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db.url.expose())
+        .env("PROVISIOND_LOG_FORMAT", "json");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("run provisiond");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const AGENT: &str = "11111111-1111-1111-1111-111111111111";
+const USER: &str = "22222222-2222-2222-2222-222222222222";
+
+#[tokio::test]
+async fn enqueue_prints_the_job_and_a_repeat_returns_it() {
+    let db = TestDb::new().await;
+    let args = [
+        "enqueue",
+        "--agent",
+        AGENT,
+        "--user",
+        USER,
+        "--region",
+        "eu-central",
+        "--key",
+        "cs_test_1",
+    ];
+    let (ok, out, err) = run(provisiond(&db).args(args));
+    assert!(ok, "{err}");
+    let first: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(first["created"], true);
+    assert_eq!(first["job"]["status"], "queued");
+    assert_eq!(first["job"]["region"], "eu-central");
+    assert!(
+        first["job"].get("lease_token").is_none(),
+        "the fencing token is never printed"
+    );
+
+    let (ok, out, _) = run(provisiond(&db).args(args));
+    assert!(ok);
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(again["created"], false);
+    assert_eq!(again["job"]["id"], first["job"]["id"]);
+
+    let (ok, out, _) = run(provisiond(&db).args(["jobs", "list", "--json"]));
+    assert!(ok);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.len(), 1);
+    let id = list[0]["id"].as_str().unwrap();
+    let (ok, out, _) = run(provisiond(&db).args(["jobs", "show", id]));
+    assert!(ok);
+    assert!(
+        out.contains("status    queued") && out.contains("enqueued"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_one_clear_line_and_changes_nothing() {
+    let db = TestDb::new().await;
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["enqueue", "--agent", "nope", "--user", USER],
+            "invalid value 'nope'",
+        ),
+        (
+            &[
+                "enqueue", "--agent", AGENT, "--user", USER, "--region", "mars",
+            ],
+            "unknown region \"mars\"",
+        ),
+        (
+            &[
+                "enqueue",
+                "--agent",
+                AGENT,
+                "--user",
+                USER,
+                "--key",
+                "has space",
+            ],
+            "--key must be",
+        ),
+        (
+            &["jobs", "list", "--status", "done"],
+            "unknown job status \"done\"",
+        ),
+        (
+            &["jobs", "show", "33333333-3333-3333-3333-333333333333"],
+            "no job 33333333",
+        ),
+        (&["frobnicate"], "unrecognized subcommand"),
+    ];
+    for (args, expected) in cases {
+        let (ok, out, err) = run(provisiond(&db).args(*args));
+        assert!(!ok, "{args:?} should fail");
+        assert!(out.is_empty(), "{args:?} printed {out}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert_eq!(db.count("SELECT count(*) FROM provisioning_jobs").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM agents").await, 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_one_line_without_the_password() {
+    let db = TestDb::new().await;
+    let (ok, _, err) = run(provisiond(&db)
+        .env("DATABASE_URL", "postgres://postgres:hunter2@127.0.0.1:1/x")
+        .args(["jobs", "list"]));
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("database unreachable") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"));
+    let (ok, _, err) = run(provisiond(&db)
+        .env("PROVISIOND__QUEUE__LEASE_TTL", "soon")
+        .args(["check-config"]));
+    assert!(!ok);
+    assert!(
+        err.contains("invalid config") && err.contains("lease_ttl"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_and_check_config_on_a_fresh_database() {
+    let db = TestDb::empty().await;
+    let (ok, out, err) = run(provisiond(&db).args(["check-config"]));
+    assert!(ok, "{err}");
+    assert!(out.contains("migrations pending"), "{out}");
+    let (ok, out, _) = run(provisiond(&db).arg("migrate"));
+    assert!(ok && out.contains("applied migrations"), "{out}");
+    let (ok, out, _) = run(provisiond(&db).arg("migrate"));
+    assert!(ok && out.contains("up to date"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_jobs_in_flight_exits_promptly_and_hands_them_back() {
+    let db = TestDb::new().await;
+    let mut child = provisiond(&db)
+        .arg("serve")
+        .env("PROVISIOND__WORKER__HANDLER", "noop")
+        // Jobs would hold for a minute: a prompt exit means they were interrupted.
+        .env("PROVISIOND__WORKER__NOOP_HOLD", "60s")
+        .env("PROVISIOND__WORKER__CONCURRENCY", "5")
+        .env("PROVISIOND__WORKER__POLL_INTERVAL", "200ms")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let settings = QueueSettings {
+        lease_ttl: Duration::from_secs(60),
+        backoff_base: Duration::from_secs(10),
+        backoff_cap: Duration::from_secs(600),
+        external_timeout: Duration::from_secs(900),
+        default_max_retries: 3,
+    };
+    let q = Queue::new(db.pool().await, settings);
+    for i in 0..5 {
+        let (ok, _, err) = run(provisiond(&db).args([
+            "enqueue",
+            "--agent",
+            &uuid::Uuid::new_v4().to_string(),
+            "--user",
+            &uuid::Uuid::new_v4().to_string(),
+            "--key",
+            &format!("k{i}"),
+        ]));
+        assert!(ok, "{err}");
+    }
+    let owner_like = format!("%:{}:%", child.id());
+    let t0 = Instant::now();
+    while db
+        .count(&format!(
+            "SELECT count(*) FROM provisioning_jobs WHERE status = 'provisioning' AND lease_owner LIKE '{owner_like}'"
+        ))
+        .await
+        < 5
+    {
+        assert!(t0.elapsed() < Duration::from_secs(20), "serve did not claim the jobs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "serve did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "serve exited with {status}");
+
+    assert_eq!(
+        db.count("SELECT count(*) FROM provisioning_jobs WHERE status = 'queued' AND retry_count = 0 AND lease_token IS NULL")
+            .await,
+        5,
+        "all jobs handed back without spending an attempt"
+    );
+    // Another worker claims them immediately (no lease to wait out, no backoff).
+    let stop = CancellationToken::new();
+    let worker = Worker::new(
+        q.clone(),
+        Arc::new(NoopHandler {
+            hold: Duration::ZERO,
+        }),
+        WorkerSettings {
+            owner: "successor".into(),
+            concurrency: 8,
+            claim_batch: 8,
+            poll_interval: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
+        },
+        db.url.clone(),
+    );
+    let task = tokio::spawn(worker.run(stop.clone()));
+    let t0 = Instant::now();
+    while db
+        .count("SELECT count(*) FROM provisioning_jobs WHERE status = 'running'")
+        .await
+        < 5
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "successor did not take the jobs"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    for j in q.list(None, 10).await.unwrap() {
+        assert_eq!((j.status(), j.retry_count), (JobStatus::Running, 0));
+    }
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+}

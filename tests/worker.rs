@@ -1,0 +1,305 @@
+//! The worker against real PostgreSQL: wake-ups, reconnects, lost leases, panics, shutdown.
+
+mod support;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use provisiond::domain::{Executor, JobStatus};
+use provisiond::queue::{NewJob, Queue, QueueSettings};
+use provisiond::worker::{JobContext, JobHandler, NoopHandler, Outcome, Worker, WorkerSettings};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use support::TestDb;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn queue_settings() -> QueueSettings {
+    QueueSettings {
+        lease_ttl: Duration::from_secs(30),
+        backoff_base: Duration::from_secs(10),
+        backoff_cap: Duration::from_secs(600),
+        external_timeout: Duration::from_secs(900),
+        default_max_retries: 3,
+    }
+}
+
+fn worker_settings(owner: &str) -> WorkerSettings {
+    WorkerSettings {
+        owner: owner.to_owned(),
+        concurrency: 8,
+        claim_batch: 8,
+        // Long, so that a quick pickup can only come from NOTIFY.
+        poll_interval: Duration::from_secs(30),
+        heartbeat_interval: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+fn new_job() -> NewJob {
+    NewJob {
+        agent_id: Uuid::new_v4(),
+        user_id: Uuid::new_v4(),
+        region: "us-east".into(),
+        stripe_event_id: None,
+        business_key: None,
+        executor: Executor::Daemon,
+        max_retries: None,
+    }
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<provisiond::worker::WorkerReport>,
+}
+
+impl Running {
+    async fn stop(self) -> provisiond::worker::WorkerReport {
+        self.stop.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+fn start(
+    db: &TestDb,
+    queue: &Queue,
+    handler: Arc<dyn JobHandler>,
+    settings: WorkerSettings,
+) -> Running {
+    let stop = CancellationToken::new();
+    let worker = Worker::new(queue.clone(), handler, settings, db.url.clone());
+    Running {
+        task: tokio::spawn(worker.run(stop.clone())),
+        stop,
+    }
+}
+
+async fn wait_for_status(q: &Queue, id: Uuid, want: JobStatus, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let s = q.get(id).await.unwrap().unwrap().status();
+        if s == want {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < within,
+            "job {id} is {s}, wanted {want} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_an_idle_worker_well_inside_the_polling_interval() {
+    let db = TestDb::new().await;
+    let q = Queue::new(db.pool().await, queue_settings());
+    let w = start(
+        &db,
+        &q,
+        Arc::new(NoopHandler {
+            hold: Duration::ZERO,
+        }),
+        worker_settings("w"),
+    );
+    // Let the worker go idle (its first claim found nothing) and its LISTEN connect.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        let id = q.enqueue(&new_job()).await.unwrap().job().id;
+        let took = wait_for_status(&q, id, JobStatus::Running, Duration::from_secs(10)).await;
+        assert!(
+            took < Duration::from_secs(3),
+            "pickup took {took:?}; the poll interval is 30 s"
+        );
+    }
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_keeps_claiming_after_its_connections_are_terminated() {
+    let db = TestDb::new().await;
+    let q = Queue::new(db.pool().await, queue_settings());
+    let w = start(
+        &db,
+        &q,
+        Arc::new(NoopHandler {
+            hold: Duration::ZERO,
+        }),
+        worker_settings("w"),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = q.enqueue(&new_job()).await.unwrap().job().id;
+    wait_for_status(&q, first, JobStatus::Running, Duration::from_secs(10)).await;
+
+    // Kill every connection to this database: the pool's and the LISTEN connection.
+    let killed = db
+        .count(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            db.name
+        ))
+        .await;
+    assert!(killed >= 2, "terminated {killed} connections");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The listener reconnects, so new jobs are still picked up far inside the 30 s poll.
+    for _ in 0..3 {
+        let id = loop {
+            // The queue's own pool lost its connections too; the first use may fail once.
+            match q.enqueue(&new_job()).await {
+                Ok(r) => break r.job().id,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let took = wait_for_status(&q, id, JobStatus::Running, Duration::from_secs(20)).await;
+        assert!(
+            took < Duration::from_secs(10),
+            "pickup after reconnect took {took:?}"
+        );
+    }
+    w.stop().await;
+}
+
+/// Holds each job until its stop token fires, counting the jobs it saw.
+struct Hold {
+    started: Arc<AtomicUsize>,
+    outcomes: Arc<std::sync::Mutex<Vec<Outcome>>>,
+}
+
+impl JobHandler for Hold {
+    fn run(&self, ctx: JobContext) -> BoxFuture<'static, Outcome> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let outcomes = self.outcomes.clone();
+        async move {
+            ctx.stop.cancelled().await;
+            // Try one more fenced write, as a step at its checkpoint would.
+            let outcome = match ctx
+                .checkpoint("vm_created", "after stop", serde_json::json!({}))
+                .await
+            {
+                Err(provisiond::queue::QueueError::LeaseLost(_)) => Outcome::LeaseLost,
+                _ => Outcome::Interrupted,
+            };
+            outcomes.lock().unwrap().push(outcome.clone());
+            outcome
+        }
+        .boxed()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_hands_leases_back_without_spending_an_attempt() {
+    let db = TestDb::new().await;
+    let q = Queue::new(db.pool().await, queue_settings());
+    let started = Arc::new(AtomicUsize::new(0));
+    let handler = Arc::new(Hold {
+        started: started.clone(),
+        outcomes: Default::default(),
+    });
+    let w = start(&db, &q, handler, worker_settings("w1"));
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(q.enqueue(&new_job()).await.unwrap().job().id);
+    }
+    for id in &ids {
+        wait_for_status(&q, *id, JobStatus::Provisioning, Duration::from_secs(10)).await;
+    }
+    let report = w.stop().await;
+    assert_eq!(report.handed_back, 5);
+    assert_eq!(
+        db.count("SELECT count(*) FROM provisioning_jobs WHERE status = 'queued' AND retry_count = 0 AND lease_token IS NULL AND run_after <= now()")
+            .await,
+        5
+    );
+    // Another worker takes them at once.
+    let w2 = start(
+        &db,
+        &q,
+        Arc::new(NoopHandler {
+            hold: Duration::ZERO,
+        }),
+        worker_settings("w2"),
+    );
+    for id in &ids {
+        wait_for_status(&q, *id, JobStatus::Running, Duration::from_secs(5)).await;
+    }
+    w2.stop().await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM job_events WHERE message = 'lease handed back'")
+            .await,
+        5
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_lease_is_lost_is_stopped_and_left_to_its_new_owner() {
+    let db = TestDb::new().await;
+    let q = Queue::new(db.pool().await, queue_settings());
+    let outcomes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler = Arc::new(Hold {
+        started: Default::default(),
+        outcomes: outcomes.clone(),
+    });
+    let mut settings = worker_settings("w-stale");
+    settings.heartbeat_interval = Duration::from_millis(200);
+    let w = start(&db, &q, handler, settings);
+    let id = q.enqueue(&new_job()).await.unwrap().job().id;
+    wait_for_status(&q, id, JobStatus::Provisioning, Duration::from_secs(10)).await;
+
+    // Another process reclaims the job behind this worker's back (as after a long pause).
+    db.exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
+        .await;
+    q.sweep().await.unwrap();
+    db.exec("UPDATE provisioning_jobs SET run_after = now()")
+        .await;
+    let other = q.claim("w-new", 1).await.unwrap();
+    assert_eq!(other.len(), 1);
+
+    // The next heartbeat notices; the handler is stopped and its write is refused.
+    let t0 = Instant::now();
+    while outcomes.lock().unwrap().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "handler was not stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(outcomes.lock().unwrap()[0], Outcome::LeaseLost);
+    let report = w.stop().await;
+    assert_eq!(report.handed_back, 0, "a lost lease is not handed back");
+    let j = q.get(id).await.unwrap().unwrap();
+    assert_eq!(j.status(), JobStatus::Provisioning);
+    assert_eq!(j.lease_owner.as_deref(), Some("w-new"));
+    assert_eq!(j.current_step, None, "the stale write did not land");
+}
+
+struct Panics;
+
+impl JobHandler for Panics {
+    fn run(&self, _ctx: JobContext) -> BoxFuture<'static, Outcome> {
+        async { panic!("handler bug") }.boxed()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_spends_an_attempt_and_the_worker_goes_on() {
+    let db = TestDb::new().await;
+    let q = Queue::new(db.pool().await, queue_settings());
+    let w = start(&db, &q, Arc::new(Panics), worker_settings("w"));
+    let a = q.enqueue(&new_job()).await.unwrap().job().id;
+    let b = q.enqueue(&new_job()).await.unwrap().job().id;
+    for id in [a, b] {
+        wait_for_status(&q, id, JobStatus::Queued, Duration::from_secs(10)).await;
+        // queued again, but with the attempt spent
+        let t0 = Instant::now();
+        loop {
+            let j = q.get(id).await.unwrap().unwrap();
+            if j.retry_count == 1 {
+                assert_eq!(j.last_error.as_deref(), Some("handler panicked"));
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    w.stop().await;
+}
