@@ -46,7 +46,7 @@ async fn migrations_apply_roll_back_and_reapply() {
 async fn the_diesel_schema_matches_the_migrated_tables() {
     use diesel::prelude::*;
     use diesel_async::RunQueryDsl;
-    use provisiond::db::models::{Job, JobEvent};
+    use provisiond::db::models::{AgentInstance, Job, JobEvent};
     use provisiond::db::schema::*;
     let db = TestDb::new().await;
     // Every column of every table, loaded through schema.rs: a name or type that drifted from
@@ -68,31 +68,12 @@ async fn the_diesel_schema_matches_the_migrated_tables() {
         .await
         .unwrap();
     assert_eq!(events.len(), 1);
-    let n: i64 = agent_instances::table
-        .count()
-        .get_result(&mut conn)
-        .await
-        .unwrap();
-    let a: i64 = agents::table.count().get_result(&mut conn).await.unwrap();
-    assert_eq!((n, a), (1, 1));
-    let cols: Vec<(
-        uuid::Uuid,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<chrono::DateTime<chrono::Utc>>,
-    )> = agent_instances::table
-        .select((
-            agent_instances::id,
-            agent_instances::server_id,
-            agent_instances::server_ip,
-            agent_instances::tailscale_ip,
-            agent_instances::current_step,
-            agent_instances::started_at,
-        ))
+    let instances: Vec<AgentInstance> = agent_instances::table
+        .select(AgentInstance::as_select())
         .load(&mut conn)
         .await
         .unwrap();
-    assert_eq!(cols.len(), 1);
+    assert_eq!(instances[0].job_id, Some(jobs[0].id));
+    let a: i64 = agents::table.count().get_result(&mut conn).await.unwrap();
+    assert_eq!(a, 1);
 }

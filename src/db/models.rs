@@ -1,6 +1,6 @@
 //! Row types of the tables in `schema.rs`, and the SQL mapping of the domain enums.
 
-use super::schema::{job_events, provisioning_jobs, sql_types};
+use super::schema::{agent_instances, job_events, provisioning_jobs, sql_types};
 use crate::domain::{Executor, JobStatus};
 use chrono::{DateTime, Utc};
 use diesel::deserialize::{self, FromSql, FromSqlRow};
@@ -76,6 +76,24 @@ impl Job {
 pub struct Lease {
     pub job_id: Uuid,
     pub token: Uuid,
+}
+
+/// An `agent_instances` row: what the web app shows for a running agent.
+#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Serialize)]
+#[diesel(table_name = agent_instances, check_for_backend(Pg))]
+pub struct AgentInstance {
+    pub id: Uuid,
+    pub agent_id: Uuid,
+    pub job_id: Option<Uuid>,
+    pub status: String,
+    pub server_id: Option<String>,
+    pub server_ip: Option<String>,
+    pub tailscale_ip: Option<String>,
+    pub region: Option<String>,
+    pub current_step: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
 }
 
 /// A `job_events` row.

@@ -10,6 +10,7 @@
 //! - On shutdown: stop claiming at once, ask handlers to stop at a checkpoint, wait up to the
 //!   grace period, then hand every lease still held back to the queue without spending an
 //!   attempt.
+//!
 //! A panicking handler is caught and counts as a retryable failure of that attempt.
 
 mod listener;
