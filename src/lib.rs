@@ -4,6 +4,7 @@
 //! below talks to it through `db` and never holds a transaction across an external call.
 
 pub mod app;
+pub mod bench;
 pub mod clients;
 pub mod config;
 pub mod db;

@@ -58,6 +58,17 @@ enum Command {
     CheckConfig,
     /// Run the Hetzner Cloud + Tailscale API simulator.
     Sim(provisiond::sim::SimArgs),
+    /// Measure (see BENCHMARKS.md). Uses a scratch database on the configured server.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Queue throughput and pickup latency, against `pgbench -N` on the same database.
+    Queue(provisiond::bench::QueueBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -281,6 +292,11 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 }
             );
         }
+        Command::Bench { command } => match command {
+            BenchCommand::Queue(args) => {
+                out = provisiond::bench::queue(config.database_url()?, args).await?;
+            }
+        },
         Command::Sim(_) => unreachable!("handled above"),
     }
     Ok(out)
