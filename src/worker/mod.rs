@@ -124,9 +124,13 @@ impl WorkerSettings {
 
 /// `host:pid:random`, unique per process even when two share a host.
 pub fn default_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    // /proc/sys is hidden under systemd's ProcSubset=pid; /etc/hostname is still readable.
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown-host".to_owned());
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned());
     let tag = &Uuid::new_v4().simple().to_string()[..6];
     format!("{host}:{}:{tag}", std::process::id())
 }
