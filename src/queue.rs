@@ -21,6 +21,7 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz};
 use diesel_async::RunQueryDsl;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 /// The channel the database triggers NOTIFY on when a job may have become claimable.
@@ -277,16 +278,67 @@ SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_stat
 FROM decided d WHERE j.id = d.id
 RETURNING j.id, NOT d.retry AS failed";
 
+/// Announces, after commit, that jobs may have become claimable: one `pg_notify` for any number
+/// of pokes that arrive while the previous one is being sent.
+///
+/// Why not NOTIFY inside each writing transaction: PostgreSQL serialises the commits of
+/// notifying transactions, fsync included, which capped enqueues at a few hundred per second.
+/// Sending after commit also means a woken worker always finds the row. If the process dies
+/// between commit and notify, the claim loop's polling backstop still finds the job.
+#[derive(Clone)]
+struct Notifier {
+    tx: mpsc::Sender<()>,
+}
+
+impl Notifier {
+    fn spawn(pool: Pool) -> Notifier {
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                let sent = async {
+                    let mut conn = pool.get().await.map_err(DbError::from)?;
+                    diesel::sql_query(format!("SELECT pg_notify('{NOTIFY_CHANNEL}', 'poke')"))
+                        .execute(&mut conn)
+                        .await
+                        .map_err(DbError::from)
+                }
+                .await;
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "notify failed; workers will poll");
+                }
+            }
+        });
+        Notifier { tx }
+    }
+
+    fn poke(&self) {
+        // A full channel means a NOTIFY is already pending, which covers this write too.
+        let _ = self.tx.try_send(());
+    }
+}
+
 /// The queue over a connection pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Queue {
     pool: Pool,
     settings: QueueSettings,
+    notifier: Notifier,
 }
 
 impl Queue {
+    /// Must be called inside a tokio runtime (it starts the notifier task, which ends when the
+    /// last clone of this queue is dropped).
     pub fn new(pool: Pool, settings: QueueSettings) -> Self {
-        Queue { pool, settings }
+        Queue {
+            notifier: Notifier::spawn(pool.clone()),
+            pool,
+            settings,
+        }
+    }
+
+    /// Wakes workers on every daemon sharing the database (after our own commit).
+    pub fn notify_workers(&self) {
+        self.notifier.poke();
     }
 
     pub fn pool(&self) -> &Pool {
@@ -316,7 +368,10 @@ impl Queue {
                 .load(&mut conn)
                 .await;
             match inserted {
-                Ok(mut rows) if !rows.is_empty() => return Ok(Enqueued::Created(rows.remove(0))),
+                Ok(mut rows) if !rows.is_empty() => {
+                    self.notifier.poke();
+                    return Ok(Enqueued::Created(rows.remove(0)));
+                }
                 Ok(_) => {}
                 Err(DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _)) => {
                     return Err(QueueError::AgentOfAnotherUser {
@@ -423,6 +478,10 @@ impl Queue {
             .bind::<Array<diesel::sql_types::Uuid>, _>(tokens)
             .load(&mut conn)
             .await?;
+        if !rows.is_empty() {
+            // A handed-back job is claimable; a finished one may free its user's next purchase.
+            self.notifier.poke();
+        }
         let done: std::collections::HashSet<Uuid> = rows.into_iter().map(|r| r.id).collect();
         Ok(leases.iter().map(|l| done.contains(&l.job_id)).collect())
     }
@@ -441,6 +500,9 @@ impl Queue {
             .bind::<Integer, _>(millis_i32(self.settings.backoff_cap))
             .load(&mut conn)
             .await?;
+        if !rows.is_empty() {
+            self.notifier.poke();
+        }
         match rows.into_iter().next() {
             None => Err(QueueError::LeaseLost(lease.job_id)),
             Some(FailRow { failed: true, .. }) => Ok(FailOutcome::Failed),
@@ -520,6 +582,9 @@ impl Queue {
             }
             None => query.load(&mut conn).await?,
         };
+        if !rows.is_empty() {
+            self.notifier.poke();
+        }
         let mut report = SweepReport::default();
         for row in rows {
             if row.failed {

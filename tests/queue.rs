@@ -223,23 +223,34 @@ async fn duplicate_event_returns_existing_job_and_wrong_owner_is_refused() {
     assert_eq!(db.count("SELECT count(*) FROM provisioning_jobs").await, 1);
 }
 
-#[tokio::test]
-async fn notify_is_sent_in_the_enqueue_transaction() {
+async fn next_notification(listener: &mut diesel_async::AsyncPgConnection) -> String {
     use futures::StreamExt;
+    let mut stream = std::pin::pin!(listener.notifications_stream());
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a notification within 5 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(n.channel, provisiond::queue::NOTIFY_CHANNEL);
+    n.payload
+}
+
+#[tokio::test]
+async fn enqueue_wakes_listeners_after_commit_and_foreign_writers_notify_too() {
     let db = TestDb::new().await;
     let q = queue(&db).await;
     let mut listener = db.conn().await;
     diesel_async::RunQueryDsl::execute(diesel::sql_query("LISTEN provisiond_jobs"), &mut listener)
         .await
         .unwrap();
+    // Our queue: one coalesced NOTIFY after the commit.
     q.enqueue(&new_job(Uuid::new_v4())).await.unwrap();
-    let mut stream = std::pin::pin!(listener.notifications_stream());
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .expect("a notification")
-        .unwrap()
-        .unwrap();
-    assert_eq!(n.channel, provisiond::queue::NOTIFY_CHANNEL);
+    assert_eq!(next_notification(&mut listener).await, "poke");
+    // Anyone else writing the table (the web app, psql) notifies inside its own transaction.
+    db.exec("WITH a AS (INSERT INTO agents (id, user_id) VALUES (gen_random_uuid(), gen_random_uuid()) RETURNING id, user_id)
+             INSERT INTO provisioning_jobs (agent_id, user_id) SELECT id, user_id FROM a")
+        .await;
+    assert_eq!(next_notification(&mut listener).await, "enqueued");
 }
 
 async fn claim_one(q: &Queue, owner: &str) -> Job {

@@ -9,11 +9,13 @@ pub mod schema;
 
 use crate::secret::Secret;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_async::RunQueryDsl;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::bb8;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures::FutureExt;
 use std::time::Duration;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -96,7 +98,22 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Checks that the database answers, then builds the pool.
 pub async fn connect(url: &Secret, size: u32, timeout: Duration) -> Result<Pool, DbError> {
     drop(establish(url, timeout).await?);
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.expose());
+    let mut config = ManagerConfig::<AsyncPgConnection>::default();
+    config.custom_setup = Box::new(|url| {
+        async move {
+            let mut conn = AsyncPgConnection::establish(url).await?;
+            // Our writes are announced by the queue's coalescing notifier after commit, not by
+            // the triggers inside the transaction (see the migration for why).
+            diesel::sql_query("SET provisiond.defer_notify = on")
+                .execute(&mut conn)
+                .await
+                .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            Ok(conn)
+        }
+        .boxed()
+    });
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url.expose(), config);
     bb8::Pool::builder()
         .max_size(size)
         // bb8 would otherwise run a query on every checkout, doubling our round trips; a broken
