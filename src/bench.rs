@@ -145,7 +145,7 @@ async fn queue_in(url: &Secret, args: &QueueBenchArgs) -> anyhow::Result<String>
     let workers = start_workers(&queue, url, args.workers, 512, 128, &stop);
     wait_until(
         &pool,
-        &format!("SELECT count(*) FROM provisioning_jobs WHERE status = 'running'"),
+        "SELECT count(*) FROM provisioning_jobs WHERE status = 'running'",
         args.jobs as i64,
     )
     .await?;
