@@ -104,13 +104,7 @@ async fn queue_in(url: &Secret, args: &QueueBenchArgs) -> anyhow::Result<String>
 
     db::migrate(url, Duration::from_secs(10)).await?;
     let pool = db::connect(url, 32, Duration::from_secs(10)).await?;
-    let settings = QueueSettings {
-        lease_ttl: Duration::from_secs(60),
-        backoff_base: Duration::from_secs(10),
-        backoff_cap: Duration::from_secs(600),
-        external_timeout: Duration::from_secs(900),
-        default_max_retries: 3,
-    };
+    let settings = QueueSettings::default();
     let queue = Queue::new(pool.clone(), settings);
 
     // Enqueue, one job per call as the webhook path does, from 8 concurrent callers.

@@ -71,6 +71,13 @@ impl From<&crate::config::QueueConfig> for QueueSettings {
     }
 }
 
+impl Default for QueueSettings {
+    /// The documented defaults of `[queue]`.
+    fn default() -> Self {
+        (&crate::config::QueueConfig::default()).into()
+    }
+}
+
 /// A job to enqueue.
 #[derive(Debug, Clone)]
 pub struct NewJob {

@@ -174,13 +174,7 @@ async fn sigterm_with_jobs_in_flight_exits_promptly_and_hands_them_back() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn serve");
-    let settings = QueueSettings {
-        lease_ttl: Duration::from_secs(60),
-        backoff_base: Duration::from_secs(10),
-        backoff_cap: Duration::from_secs(600),
-        external_timeout: Duration::from_secs(900),
-        default_max_retries: 3,
-    };
+    let settings = QueueSettings::default();
     let q = Queue::new(db.pool().await, settings);
     for i in 0..5 {
         let (ok, _, err) = run(provisiond(&db).args([

@@ -15,10 +15,7 @@ use uuid::Uuid;
 fn settings() -> QueueSettings {
     QueueSettings {
         lease_ttl: Duration::from_secs(30),
-        backoff_base: Duration::from_secs(10),
-        backoff_cap: Duration::from_secs(600),
-        external_timeout: Duration::from_secs(900),
-        default_max_retries: 3,
+        ..QueueSettings::default()
     }
 }
 
