@@ -28,6 +28,10 @@ pub struct RateBudget {
 #[derive(Debug)]
 struct State {
     limit_per_hour: f64,
+    /// The most requests the API has let us hold at once: the highest `remaining + 1` seen.
+    /// Hetzner's bucket is as large as the hourly limit, but a smaller one (or a share of the
+    /// project used by others) must not let an idle period save up a burst the API refuses.
+    capacity: f64,
     tokens: f64,
     refilled_at: Instant,
     /// Set after a 429: nothing may be sent before this time.
@@ -46,7 +50,7 @@ impl State {
         let elapsed = now
             .saturating_duration_since(self.refilled_at)
             .as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate_per_sec()).min(self.limit_per_hour);
+        self.tokens = (self.tokens + elapsed * self.rate_per_sec()).min(self.capacity);
         self.refilled_at = now;
     }
 }
@@ -62,6 +66,7 @@ impl RateBudget {
         RateBudget {
             state: Mutex::new(State {
                 limit_per_hour: DEFAULT_LIMIT_PER_HOUR,
+                capacity: 1.0,
                 tokens: 1.0,
                 refilled_at: Instant::now(),
                 blocked_until: None,
@@ -137,6 +142,10 @@ impl RateBudget {
         }
         if let Some(remaining) = remaining {
             let remaining = remaining as f64;
+            s.capacity = s
+                .capacity
+                .max(remaining + 1.0)
+                .min(s.limit_per_hour.max(1.0));
             s.tokens = if s.known {
                 s.tokens.min(remaining)
             } else {

@@ -54,7 +54,8 @@ pub enum FaultKind {
     Unavailable,
     #[serde(rename = "504")]
     GatewayTimeout,
-    /// Hang without answering for the configured hang time (past any sane client timeout).
+    /// Do the work, then hold the answer for the configured hang time (past any sane client
+    /// timeout), so the caller cannot tell whether it happened.
     Timeout,
 }
 

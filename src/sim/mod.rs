@@ -421,8 +421,9 @@ impl Sim {
         if allowed {
             b.tokens -= 1.0;
         }
-        let full_in = ((cap - b.tokens) / rate).ceil() as i64;
-        let reset = (Utc::now().timestamp() + full_in.max(1)) as u64;
+        // The first whole second at which the bucket is full again.
+        let now_unix = Utc::now().timestamp_micros() as f64 / 1e6;
+        let reset = (now_unix + (cap - b.tokens) / rate).ceil() as u64;
         (allowed, b.tokens.floor() as u64, reset)
     }
 
@@ -447,12 +448,10 @@ impl Sim {
 
         let fault = self.world().faults.fire(route);
         let mut reply = match fault {
-            Some(FaultKind::Timeout) => {
-                tokio::time::sleep(self.cfg.hang).await;
-                fault_reply(api, FaultKind::GatewayTimeout)
-            }
-            Some(kind) => fault_reply(api, kind),
-            None => match api {
+            // A timeout does the work and then never answers in time: the caller cannot know
+            // whether its create happened, which is exactly the case it must handle.
+            Some(kind) if kind != FaultKind::Timeout => fault_reply(api, kind),
+            _ => match api {
                 Api::Hetzner => {
                     let (allowed, remaining, reset) = self.take_budget();
                     let mut r = if allowed {
@@ -502,22 +501,27 @@ impl Sim {
             ));
         }
 
-        let mut st = lock(&self.stats);
-        st.total += 1;
-        *st.counts
-            .entry(route)
-            .or_default()
-            .entry(reply.status)
-            .or_default() += 1;
-        if st.log.len() == REQUEST_LOG_CAPACITY {
-            st.log.pop_front();
+        {
+            let mut st = lock(&self.stats);
+            st.total += 1;
+            *st.counts
+                .entry(route)
+                .or_default()
+                .entry(reply.status)
+                .or_default() += 1;
+            if st.log.len() == REQUEST_LOG_CAPACITY {
+                st.log.pop_front();
+            }
+            st.log.push_back(RequestRecord {
+                at_us: arrived.timestamp_micros(),
+                route: route.to_owned(),
+                status: reply.status,
+                client,
+            });
         }
-        st.log.push_back(RequestRecord {
-            at_us: arrived.timestamp_micros(),
-            route: route.to_owned(),
-            status: reply.status,
-            client,
-        });
+        if fault == Some(FaultKind::Timeout) {
+            tokio::time::sleep(self.cfg.hang).await;
+        }
         reply
     }
 
@@ -716,6 +720,21 @@ impl SimHandle {
             .first()
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// A client configuration pointing at this simulator with its first token.
+    pub fn hetzner_config(&self) -> crate::clients::hetzner::HetznerConfig {
+        crate::clients::hetzner::HetznerConfig::new(self.hetzner_base_url(), self.hetzner_token())
+    }
+
+    /// A client configuration pointing at this simulator with its OAuth client and tags.
+    pub fn tailscale_config(&self) -> crate::clients::tailscale::TailscaleConfig {
+        crate::clients::tailscale::TailscaleConfig::new(
+            self.tailscale_base_url(),
+            self.sim.cfg.tailscale_client_id.clone(),
+            self.sim.cfg.tailscale_client_secret.clone(),
+            self.sim.cfg.tailscale_tags.clone(),
+        )
     }
 
     pub fn config(&self) -> &SimConfig {
