@@ -112,6 +112,15 @@ async fn create_key_is_single_use_ephemeral_preauthorized_and_tagged() {
     assert!(!sk.reusable && sk.ephemeral && sk.preauthorized);
     assert_eq!(sk.tags, ["tag:customer-vm"]);
     assert_eq!(sk.description, "job 7f3c2a");
+
+    // Without tags in the request, the OAuth client's configured set is used.
+    assert_eq!(c.tags(), ["tag:customer-vm"]);
+    let k2 = c.create_auth_key(&key("job 2", &[])).await.unwrap();
+    let st = h.state();
+    assert_eq!(
+        st.keys.iter().find(|s| s.id == k2.id).unwrap().tags,
+        ["tag:customer-vm"]
+    );
     h.shutdown().await;
 }
 

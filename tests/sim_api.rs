@@ -369,3 +369,59 @@ fn cli_flags_become_a_config() {
     assert!(cfg.faults.leave_off && !cfg.faults.fail_actions);
     assert_eq!(cfg.rate_limit_burst, 3600);
 }
+
+#[tokio::test]
+async fn bad_key_requests_get_a_message_never_a_panic() {
+    let h = sim(SimConfig::default()).await;
+    let c = reqwest::Client::new();
+    let base = h.tailscale_base_url();
+    let token: Value = c
+        .post(format!("{base}api/v2/oauth/token"))
+        .form(&[
+            ("client_id", h.config().tailscale_client_id.as_str()),
+            ("client_secret", h.config().tailscale_client_secret.expose()),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer = token["access_token"].as_str().unwrap().to_owned();
+    let caps = |tags: Value| json!({"capabilities": {"devices": {"create": {"tags": tags}}}});
+    let mut huge = caps(json!(["tag:customer-vm"]));
+    huge["expirySeconds"] = json!(i64::MAX);
+    for body in [
+        "{".to_owned(),
+        caps(json!([])).to_string(),
+        caps(json!(["tag:other"])).to_string(),
+        huge.to_string(),
+        json!({"capabilities": 1}).to_string(),
+    ] {
+        let r = c
+            .post(format!("{base}api/v2/tailnet/-/keys"))
+            .bearer_auth(&bearer)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        assert!(r.json::<Value>().await.unwrap()["message"].is_string());
+    }
+    let r = c
+        .get(format!("{base}api/v2/tailnet/other.example/devices"))
+        .bearer_auth(&bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "unknown tailnet");
+    let r = c
+        .get(format!("{base}api/v2/tailnet/-/devices"))
+        .bearer_auth("tskey-api-forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(h.state().keys.is_empty());
+    h.shutdown().await;
+}

@@ -147,14 +147,16 @@ impl HetznerError {
         }
     }
 
-    /// True when a create may have taken effect although we got no answer.
+    /// True when a create may have taken effect although we got no usable answer: no response
+    /// (after the request may have left), or a 2xx we could not read. Adopt by label before
+    /// creating again.
     pub fn outcome_unknown(&self) -> bool {
         matches!(
             self,
             HetznerError::Transport {
                 outcome_unknown: true,
                 ..
-            }
+            } | HetznerError::Decode { .. }
         )
     }
 

@@ -29,7 +29,8 @@ pub struct TailscaleConfig {
     pub tailnet: String,
     pub client_id: String,
     pub client_secret: Secret,
-    /// The OAuth client's tag set; keys must carry exactly these tags.
+    /// The OAuth client's tag set; keys must carry exactly these tags. Used for keys whose
+    /// `CreateKey::tags` is empty.
     #[serde(default)]
     pub tags: Vec<String>,
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
@@ -279,6 +280,7 @@ pub struct TailscaleClient {
     tailnet: Arc<str>,
     client_id: Arc<str>,
     client_secret: Secret,
+    tags: Arc<[String]>,
     /// An async mutex held across the refresh, so concurrent callers wait for one refresh
     /// instead of each minting a token.
     token: Arc<Mutex<Option<CachedToken>>>,
@@ -298,6 +300,7 @@ impl TailscaleClient {
             tailnet: Arc::from(cfg.tailnet.as_str()),
             client_id: Arc::from(cfg.client_id.as_str()),
             client_secret: cfg.client_secret,
+            tags: Arc::from(cfg.tags),
             token: Arc::new(Mutex::new(None)),
         }
     }
@@ -337,10 +340,21 @@ impl TailscaleClient {
         Ok(token)
     }
 
-    /// Mints an auth key. Sent once; never retried by the client.
+    /// The OAuth client's tag set from the configuration.
+    pub fn tags(&self) -> &[String] {
+        &self.tags
+    }
+
+    /// Mints an auth key, with the configured tags if `req.tags` is empty. Sent once; never
+    /// retried by the client.
     pub async fn create_auth_key(&self, req: &CreateKey) -> Result<AuthKey, TailscaleError> {
         validate_description(&req.description).map_err(TailscaleError::InvalidRequest)?;
-        if req.tags.is_empty() {
+        let tags: &[String] = if req.tags.is_empty() {
+            &self.tags
+        } else {
+            &req.tags
+        };
+        if tags.is_empty() {
             return Err(TailscaleError::InvalidRequest(
                 "keys minted with OAuth must carry tags".into(),
             ));
@@ -352,7 +366,7 @@ impl TailscaleClient {
                         reusable: req.reusable,
                         ephemeral: req.ephemeral,
                         preauthorized: req.preauthorized,
-                        tags: &req.tags,
+                        tags,
                     },
                 },
             },

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 
-/// Tailscale's default key lifetime when `expirySeconds` is not given.
+/// Tailscale's default, and longest, key lifetime.
 const DEFAULT_KEY_EXPIRY_SECS: i64 = 90 * 24 * 3600;
 
 fn message(status: u16, msg: &str) -> Reply {
@@ -203,8 +203,8 @@ fn create_key(
         );
     }
     let expiry = body.expiry_seconds.unwrap_or(DEFAULT_KEY_EXPIRY_SECS);
-    if expiry <= 0 {
-        return message(400, "expirySeconds must be positive");
+    if !(1..=DEFAULT_KEY_EXPIRY_SECS).contains(&expiry) {
+        return message(400, "expirySeconds must be between 1 and 90 days");
     }
     let id = format!("k{}CNTRL", random_alnum(12));
     let key = SimKey {

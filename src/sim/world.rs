@@ -127,8 +127,12 @@ pub struct World {
     next_device: u32,
 }
 
+/// `t + d`, saturating: a silly configured duration means "never", not a panic.
 fn later(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    t + ChronoDuration::from_std(d).unwrap_or(ChronoDuration::MAX)
+    ChronoDuration::from_std(d)
+        .ok()
+        .and_then(|d| t.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 impl World {
