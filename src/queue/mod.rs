@@ -27,10 +27,22 @@ use uuid::Uuid;
 /// The channel the database triggers NOTIFY on when a job may have become claimable.
 pub const NOTIFY_CHANNEL: &str = "provisiond_jobs";
 
+mod instances;
+
+pub use instances::{Fence, VmMetadata};
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("lease on job {0} lost: the job was reclaimed or finished by someone else")]
     LeaseLost(Uuid),
+    #[error("job {0} not found")]
+    NotFound(Uuid),
+    #[error("job {job} is {from} and cannot become {to}")]
+    IllegalTransition {
+        job: Uuid,
+        from: JobStatus,
+        to: JobStatus,
+    },
     #[error("agent {agent} belongs to another user")]
     AgentOfAnotherUser { agent: Uuid },
     #[error(transparent)]
@@ -518,6 +530,7 @@ impl Queue {
     }
 
     /// Records that a job reached `step`, with an event row, in one transaction. Fenced.
+    /// (`checkpoint_with` also records step results; see `instances.rs`.)
     pub async fn checkpoint(
         &self,
         lease: &Lease,
