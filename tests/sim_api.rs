@@ -38,7 +38,12 @@ async fn every_hetzner_response_carries_correlation_id_and_rate_limit_headers() 
     })
     .await;
     let now = chrono::Utc::now().timestamp() as u64;
+    h.set_faults(provisiond::sim::Faults {
+        rules: vec!["GET /v1/actions=502*1".parse().unwrap()],
+        ..Default::default()
+    });
     for (method, path) in [
+        (Method::GET, "/actions"),
         (Method::GET, "/servers"),
         (Method::GET, "/servers/77"),
         (Method::GET, "/no/such/route"),
@@ -60,6 +65,11 @@ async fn every_hetzner_response_carries_correlation_id_and_rate_limit_headers() 
             "Hetzner sends no Retry-After"
         );
     }
+    assert_eq!(
+        h.state().count_status("GET /v1/actions", 502),
+        1,
+        "the fault fired"
+    );
     h.shutdown().await;
 }
 

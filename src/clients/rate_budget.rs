@@ -171,3 +171,49 @@ impl RateBudget {
         self.changed.notify_waiters();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_only_ever_lower_the_count_after_the_first() {
+        let b = RateBudget::new();
+        b.observe(Some(3600), Some(10));
+        assert_eq!((b.limit(), b.remaining()), (3600, 10));
+        // A late response from before others spent budget must not raise our estimate.
+        b.observe(Some(3600), Some(20));
+        assert_eq!(b.remaining(), 10);
+        b.observe(Some(3600), Some(4));
+        assert_eq!(b.remaining(), 4);
+    }
+
+    #[test]
+    fn a_429_blocks_until_its_reset_and_empties_the_bucket() {
+        let b = RateBudget::new();
+        b.observe(Some(3600), Some(100));
+        let reset = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() + 5)
+            .unwrap_or_default();
+        b.rate_limited(Some(reset));
+        assert_eq!(b.remaining(), 0);
+        let until = b.blocked_until().expect("blocked");
+        assert_eq!(until, UNIX_EPOCH + Duration::from_secs(reset));
+        // A reset in the past (clock skew) still blocks briefly rather than not at all.
+        let skewed = RateBudget::new();
+        skewed.rate_limited(Some(1));
+        assert!(skewed.blocked_until().is_some());
+    }
+
+    #[tokio::test]
+    async fn acquire_waits_for_refill_when_empty() {
+        let b = RateBudget::new();
+        // 36000/h = 10 per second; nothing left.
+        b.observe(Some(36_000), Some(0));
+        let started = Instant::now();
+        b.acquire().await;
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(80), "waited {waited:?}");
+    }
+}

@@ -139,6 +139,18 @@ mod tests {
             ("*", FaultKind::Timeout, Some(0.5))
         );
         assert!("nonsense".parse::<FaultRule>().is_err());
+        let mut never = Faults {
+            rules: vec!["*=500@0".parse().unwrap()],
+            ..Faults::default()
+        };
+        let mut always = Faults {
+            rules: vec!["*=500@1".parse().unwrap()],
+            ..Faults::default()
+        };
+        for _ in 0..50 {
+            assert_eq!(never.fire("GET /v1/servers"), None);
+            assert_eq!(always.fire("GET /v1/servers"), Some(FaultKind::ServerError));
+        }
         assert!("*=418".parse::<FaultRule>().is_err());
     }
 }

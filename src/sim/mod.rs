@@ -447,59 +447,13 @@ impl Sim {
         };
 
         let fault = self.world().faults.fire(route);
-        let mut reply = match fault {
-            // A timeout does the work and then never answers in time: the caller cannot know
-            // whether its create happened, which is exactly the case it must handle.
-            Some(kind) if kind != FaultKind::Timeout => fault_reply(api, kind),
-            _ => match api {
-                Api::Hetzner => {
-                    let (allowed, remaining, reset) = self.take_budget();
-                    let mut r = if allowed {
-                        hetzner::handle(&self, route, &req, client != "anonymous")
-                    } else {
-                        lock(&self.stats).rate_limited.push(RateLimitedRecord {
-                            at_us: Utc::now().timestamp_micros(),
-                            reset,
-                            client: client.clone(),
-                        });
-                        hetzner::error(
-                            429,
-                            "rate_limit_exceeded",
-                            &format!(
-                                "limit of {} requests per hour reached",
-                                self.cfg.rate_limit_per_hour
-                            ),
-                        )
-                    };
-                    r.headers.extend([
-                        ("ratelimit-limit", self.cfg.rate_limit_per_hour.to_string()),
-                        ("ratelimit-remaining", remaining.to_string()),
-                        ("ratelimit-reset", reset.to_string()),
-                    ]);
-                    r
-                }
+        let reply = match api {
+            Api::Hetzner => self.hetzner(route, &req, fault, &client),
+            _ => match fault {
+                Some(kind) if kind != FaultKind::Timeout => fault_reply(api, kind),
                 _ => tailscale::handle(&self, route, &req),
             },
         };
-        if fault == Some(FaultKind::RateLimited) && api == Api::Hetzner {
-            let reset = (Utc::now().timestamp() + 1) as u64;
-            lock(&self.stats).rate_limited.push(RateLimitedRecord {
-                at_us: Utc::now().timestamp_micros(),
-                reset,
-                client: client.clone(),
-            });
-            reply.headers.extend([
-                ("ratelimit-limit", self.cfg.rate_limit_per_hour.to_string()),
-                ("ratelimit-remaining", "0".into()),
-                ("ratelimit-reset", reset.to_string()),
-            ]);
-        }
-        if api == Api::Hetzner {
-            reply.headers.push((
-                "x-correlation-id",
-                format!("{:016x}", rand::random::<u64>()),
-            ));
-        }
 
         {
             let mut st = lock(&self.stats);
@@ -522,6 +476,55 @@ impl Sim {
         if fault == Some(FaultKind::Timeout) {
             tokio::time::sleep(self.cfg.hang).await;
         }
+        reply
+    }
+
+    /// One Hetzner request: the project's budget first (every response carries `RateLimit-*`,
+    /// whatever else happens), then an injected fault or the real handler.
+    fn hetzner(
+        &self,
+        route: &'static str,
+        req: &Req,
+        fault: Option<FaultKind>,
+        client: &str,
+    ) -> Reply {
+        let (allowed, mut remaining, mut reset) = self.take_budget();
+        let injected_429 = fault == Some(FaultKind::RateLimited);
+        if injected_429 {
+            remaining = 0;
+            reset = reset.max((Utc::now().timestamp() + 1) as u64);
+        }
+        let mut reply = if !allowed || injected_429 {
+            lock(&self.stats).rate_limited.push(RateLimitedRecord {
+                at_us: Utc::now().timestamp_micros(),
+                reset,
+                client: client.to_owned(),
+            });
+            hetzner::error(
+                429,
+                "rate_limit_exceeded",
+                &format!(
+                    "limit of {} requests per hour reached",
+                    self.cfg.rate_limit_per_hour
+                ),
+            )
+        } else {
+            match fault {
+                // A timeout does the work and then never answers in time (see `handle`): the
+                // caller cannot know whether its create happened, the case it must handle.
+                Some(kind) if kind != FaultKind::Timeout => fault_reply(Api::Hetzner, kind),
+                _ => hetzner::handle(self, route, req, client != "anonymous"),
+            }
+        };
+        reply.headers.extend([
+            ("ratelimit-limit", self.cfg.rate_limit_per_hour.to_string()),
+            ("ratelimit-remaining", remaining.to_string()),
+            ("ratelimit-reset", reset.to_string()),
+            (
+                "x-correlation-id",
+                format!("{:016x}", rand::random::<u64>()),
+            ),
+        ]);
         reply
     }
 
