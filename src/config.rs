@@ -37,6 +37,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
     pub sweep: SweepConfig,
+    pub http: HttpConfig,
     /// Seed region name → Hetzner locations, first choice first.
     pub regions: Regions,
 }
@@ -154,6 +155,22 @@ impl Default for SweepConfig {
     fn default() -> Self {
         SweepConfig {
             schedule: "*/15 * * * * *".to_owned(),
+        }
+    }
+}
+
+/// The HTTP surface (webhooks, callbacks, status, admin, health, metrics).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where `serve` listens. Empty: no HTTP server.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8080".to_owned(),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod clients;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod http;
 pub mod queue;
 pub mod secret;
 pub mod sim;

@@ -1,0 +1,1 @@
+//! The HTTP surface (issue #5).
