@@ -29,7 +29,7 @@ pub const NOTIFY_CHANNEL: &str = "provisiond_jobs";
 
 mod instances;
 
-pub use instances::{Fence, VmMetadata};
+pub use instances::{Fence, StepFields, VmMetadata};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -246,7 +246,7 @@ const FAIL_SQL: &str = "\
 WITH decided AS (
     SELECT id, ($3 AND retry_count < max_retries) AS retry
     FROM provisioning_jobs WHERE id = $1 AND lease_token = $2 AND status = 'provisioning'
-)
+), upd AS (
 UPDATE provisioning_jobs j
 SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_status END,
     retry_count = j.retry_count + d.retry::int,
@@ -258,7 +258,12 @@ SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_stat
     completed_at = CASE WHEN d.retry THEN NULL ELSE now() END,
     lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM decided d WHERE j.id = d.id
-RETURNING NOT d.retry AS failed, j.run_after";
+RETURNING j.id, NOT d.retry AS failed, j.run_after
+), instance AS (
+    UPDATE agent_instances i SET status = 'failed', updated_at = now()
+    FROM upd WHERE i.job_id = upd.id AND upd.failed
+)
+SELECT failed, run_after FROM upd";
 
 /// `{filter}` narrows the sweep to one job for the status path.
 const SWEEP_SQL: &str = "\
@@ -282,7 +287,7 @@ WITH stale AS (
                      || 's'
            END AS reason
     FROM provisioning_jobs j JOIN stale s ON s.id = j.id
-)
+), upd AS (
 UPDATE provisioning_jobs j
 SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_status END,
     retry_count = j.retry_count + d.retry::int,
@@ -295,7 +300,12 @@ SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_stat
     completed_at = CASE WHEN d.retry THEN NULL ELSE now() END,
     lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM decided d WHERE j.id = d.id
-RETURNING j.id, NOT d.retry AS failed";
+RETURNING j.id, NOT d.retry AS failed
+), instance AS (
+    UPDATE agent_instances i SET status = 'failed', updated_at = now()
+    FROM upd WHERE i.job_id = upd.id AND upd.failed
+)
+SELECT id, failed FROM upd";
 
 /// Announces, after commit, that jobs may have become claimable: one `pg_notify` for any number
 /// of pokes that arrive while the previous one is being sent.
