@@ -185,7 +185,7 @@ impl Default for HetznerSettings {
             base_url: url::Url::parse("https://api.hetzner.cloud/v1").expect("static URL"),
             token: None,
             token_file: None,
-            server_type: "cx23".to_owned(),
+            server_type: "cpx22".to_owned(),
             image: "ubuntu-24.04".to_owned(),
             ssh_keys: Vec::new(),
             request_timeout: Duration::from_secs(30),
