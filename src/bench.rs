@@ -35,15 +35,15 @@ pub struct QueueBenchArgs {
     pub pgbench_clients: u32,
 }
 
-/// A scratch database that is dropped when the benchmark ends.
-struct Scratch {
+/// A scratch database on the configured server, dropped when the benchmark or demo ends.
+pub(crate) struct Scratch {
     admin: Secret,
     name: String,
-    url: Secret,
+    pub(crate) url: Secret,
 }
 
 impl Scratch {
-    async fn create(server: &Secret) -> anyhow::Result<Scratch> {
+    pub(crate) async fn create(server: &Secret) -> anyhow::Result<Scratch> {
         let name = format!(
             "provisiond_bench_{}",
             &Uuid::new_v4().simple().to_string()[..8]
@@ -62,7 +62,7 @@ impl Scratch {
         })
     }
 
-    async fn drop_now(self) {
+    pub(crate) async fn drop_now(self) {
         if let Ok(mut conn) = db::establish(&self.admin, Duration::from_secs(5)).await {
             let _ = diesel::sql_query(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",

@@ -88,6 +88,44 @@ impl ProvisionSettings {
     }
 }
 
+/// Startup check: the configured server type exists and is usable (not deprecated, available)
+/// in at least one location of every region. Returns the regions with the unusable locations
+/// removed (so that jobs do not try them); a region left with none is an error.
+pub async fn usable_regions(
+    hetzner: &HetznerClient,
+    settings: &ProvisionSettings,
+) -> anyhow::Result<Regions> {
+    let types = hetzner.list_server_types().await?;
+    let Some(t) = types.iter().find(|t| t.name == settings.server_type) else {
+        anyhow::bail!(
+            "hetzner.server_type {:?} does not exist in this project (known: {})",
+            settings.server_type,
+            types
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let mut usable = Regions(BTreeMap::new());
+    for (region, locations) in &settings.regions.0 {
+        let (ok, bad): (Vec<String>, Vec<String>) =
+            locations.iter().cloned().partition(|l| t.usable_in(l));
+        if ok.is_empty() {
+            anyhow::bail!(
+                "hetzner.server_type {:?} is deprecated or unavailable in every location of region {region} ({}); pick another type or location",
+                settings.server_type,
+                locations.join(", ")
+            );
+        }
+        if !bad.is_empty() {
+            tracing::warn!(region, locations = %bad.join(", "), server_type = %settings.server_type, "server type unusable there; skipping those locations");
+        }
+        usable.0.insert(region.clone(), ok);
+    }
+    Ok(usable)
+}
+
 /// A test and chaos hook: called with a point's name at every step boundary; `true` makes the
 /// attempt stop dead there, writing nothing more, as if the process had died.
 pub type Failpoint = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -202,38 +240,6 @@ impl Provisioner {
 
     pub fn settings(&self) -> &ProvisionSettings {
         &self.inner.settings
-    }
-
-    /// Startup check: the configured server type exists and is usable (not deprecated, available)
-    /// in at least one location of every region. Returns the unusable locations, which the
-    /// caller logs; a region with none usable is an error.
-    pub async fn check_server_type(&self) -> anyhow::Result<Vec<String>> {
-        let s = &self.inner.settings;
-        let types = self.inner.hetzner.list_server_types().await?;
-        let Some(t) = types.iter().find(|t| t.name == s.server_type) else {
-            anyhow::bail!(
-                "hetzner.server_type {:?} does not exist in this project (known: {})",
-                s.server_type,
-                types
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        };
-        let mut unusable = Vec::new();
-        for (region, locations) in &s.regions.0 {
-            let usable: Vec<&String> = locations.iter().filter(|l| t.usable_in(l)).collect();
-            if usable.is_empty() {
-                anyhow::bail!(
-                    "hetzner.server_type {:?} is deprecated or unavailable in every location of region {region} ({}); pick another type or location",
-                    s.server_type,
-                    locations.join(", ")
-                );
-            }
-            unusable.extend(locations.iter().filter(|l| !t.usable_in(l)).cloned());
-        }
-        Ok(unusable)
     }
 
     fn failpoint(&self, name: &str) -> Result<(), Stop> {

@@ -636,6 +636,19 @@ impl Queue {
             .optional()?)
     }
 
+    /// The jobs with these ids (missing ones are simply absent).
+    pub async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<Job>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.pool.get().await?;
+        Ok(provisioning_jobs::table
+            .filter(provisioning_jobs::id.eq_any(ids))
+            .select(Job::as_select())
+            .load(&mut conn)
+            .await?)
+    }
+
     /// Newest first.
     pub async fn list(
         &self,
