@@ -139,26 +139,22 @@ async fn run_in(url: &Secret, args: &DemoArgs) -> anyhow::Result<String> {
     let mut seen = 0i64;
     let mut conn = db::establish(url, Duration::from_secs(5)).await?;
     loop {
-        use crate::db::schema::job_events::dsl as e;
-        let rows: Vec<(
-            i64,
-            Uuid,
-            chrono::DateTime<chrono::Utc>,
-            Option<String>,
-            String,
-        )> = e::job_events
-            .filter(e::id.gt(seen))
-            .order(e::id)
-            .select((e::id, e::job_id, e::at, e::step, e::message))
+        use crate::db::models::JobEvent;
+        use crate::db::schema::job_events;
+        let rows: Vec<JobEvent> = job_events::table
+            .filter(job_events::id.gt(seen))
+            .order(job_events::id)
+            .select(JobEvent::as_select())
             .load(&mut conn)
             .await?;
-        for (id, job, at, step, message) in rows {
-            seen = id;
+        for e in rows {
+            seen = e.id;
             println!(
-                "{}  job {}  {:<18}  {message}",
-                at.format("%H:%M:%S%.3f"),
-                short(job),
-                step.unwrap_or_default()
+                "{}  job {}  {:<18}  {}",
+                e.at.format("%H:%M:%S%.3f"),
+                short(e.job_id),
+                e.step.unwrap_or_default(),
+                e.message
             );
         }
         let jobs = queue.get_many(&ids).await?;

@@ -62,7 +62,7 @@ enum Command {
     /// Load and validate the configuration, and check the database.
     CheckConfig,
     /// Run the Hetzner Cloud + Tailscale API simulator.
-    Sim(provisiond::sim::SimArgs),
+    Sim(Box<provisiond::sim::SimArgs>),
     /// Measure (see BENCHMARKS.md). Uses a scratch database on the configured server.
     Bench {
         #[command(subcommand)]
@@ -137,7 +137,7 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<String> {
     let mut out = String::new();
     if let Command::Sim(args) = cli.command {
-        provisiond::sim::run(args).await?;
+        provisiond::sim::run(*args).await?;
         return Ok(out);
     }
     let config = Config::load(cli.config.as_deref())?;
