@@ -74,6 +74,8 @@ enum Command {
 enum BenchCommand {
     /// Queue throughput and pickup latency, against `pgbench -N` on the same database.
     Queue(provisiond::bench::QueueBenchArgs),
+    /// Concurrent jobs through the step machine against the simulator with realistic latency.
+    Provision(provisiond::bench::ProvisionBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -319,6 +321,9 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Bench { command } => match command {
             BenchCommand::Queue(args) => {
                 out = provisiond::bench::queue(config.database_url()?, args).await?;
+            }
+            BenchCommand::Provision(args) => {
+                out = provisiond::bench::provision(config.database_url()?, args).await?;
             }
         },
         Command::Sim(_) => unreachable!("handled above"),
