@@ -62,7 +62,19 @@ impl Scratch {
         })
     }
 
-    pub(crate) async fn drop_now(self) {
+    /// Runs `f` on a fresh scratch database and drops it afterwards, whatever `f` returned.
+    pub(crate) async fn with<T, F, Fut>(server: &Secret, f: F) -> anyhow::Result<T>
+    where
+        F: FnOnce(Secret) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        let scratch = Scratch::create(server).await?;
+        let result = f(scratch.url.clone()).await;
+        scratch.drop_now().await;
+        result
+    }
+
+    async fn drop_now(self) {
         if let Ok(mut conn) = db::establish(&self.admin, Duration::from_secs(5)).await {
             let _ = diesel::sql_query(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -75,10 +87,7 @@ impl Scratch {
 }
 
 pub async fn queue(server: &Secret, args: QueueBenchArgs) -> anyhow::Result<String> {
-    let scratch = Scratch::create(server).await?;
-    let result = queue_in(&scratch.url, &args).await;
-    scratch.drop_now().await;
-    result
+    Scratch::with(server, |url| async move { queue_in(&url, &args).await }).await
 }
 
 async fn queue_in(url: &Secret, args: &QueueBenchArgs) -> anyhow::Result<String> {
@@ -367,17 +376,10 @@ pub struct ProvisionBenchArgs {
 
 /// 200 concurrent jobs through the real step machine against the simulator.
 pub async fn provision(server: &Secret, args: ProvisionBenchArgs) -> anyhow::Result<String> {
-    let scratch = Scratch::create(server).await?;
-    let result = provision_in(&scratch.url, &args).await;
-    scratch.drop_now().await;
-    result
+    Scratch::with(server, |url| async move { provision_in(&url, &args).await }).await
 }
 
 async fn provision_in(url: &Secret, args: &ProvisionBenchArgs) -> anyhow::Result<String> {
-    use crate::clients::hetzner::HetznerClient;
-    use crate::clients::tailscale::TailscaleClient;
-    use crate::provision::watch::WatchSettings;
-    use crate::provision::{ProvisionSettings, Provisioner};
     use crate::sim::{LatencyProfile, SimConfig, Simulator};
 
     db::migrate(url, Duration::from_secs(10)).await?;
@@ -395,22 +397,8 @@ async fn provision_in(url: &Secret, args: &ProvisionBenchArgs) -> anyhow::Result
         ..SimConfig::default()
     })
     .await?;
-    let provisioner = Provisioner::new(
-        HetznerClient::new(sim.hetzner_config()),
-        TailscaleClient::new(sim.tailscale_config()),
-        ProvisionSettings {
-            server_type: "cpx22".into(),
-            image: "ubuntu-24.04".into(),
-            ssh_keys: Vec::new(),
-            regions: crate::config::Regions::default(),
-            tags: sim.config().tailscale_tags.clone(),
-            key_expiry: Duration::from_secs(3600),
-            deadline: Duration::from_secs(900),
-            rollback_timeout: Duration::from_secs(60),
-        },
-        // The daemon's production polling settings.
-        WatchSettings::default(),
-    );
+    // The daemon's production polling settings.
+    let provisioner = crate::demo::simulated_provisioner(&sim);
     let stop = CancellationToken::new();
     let worker = Worker::new(
         queue.clone(),

@@ -12,7 +12,7 @@ use crate::provision::watch::WatchSettings;
 use crate::provision::{ProvisionSettings, Provisioner, server_name};
 use crate::queue::{NewJob, Queue, QueueSettings};
 use crate::secret::Secret;
-use crate::sim::{LatencyProfile, SimConfig, Simulator};
+use crate::sim::{LatencyProfile, SimConfig, SimHandle, Simulator};
 use crate::worker::{Worker, WorkerSettings};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -43,10 +43,26 @@ pub async fn run(server: &Secret, args: DemoArgs) -> anyhow::Result<String> {
         (1..=50).contains(&args.jobs),
         "--jobs must be between 1 and 50"
     );
-    let scratch = Scratch::create(server).await?;
-    let result = run_in(&scratch.url, &args).await;
-    scratch.drop_now().await;
-    result
+    Scratch::with(server, |url| async move { run_in(&url, &args).await }).await
+}
+
+/// The real step machine, with the daemon's production polling settings, against `sim`.
+pub(crate) fn simulated_provisioner(sim: &SimHandle) -> Provisioner {
+    Provisioner::new(
+        HetznerClient::new(sim.hetzner_config()),
+        TailscaleClient::new(sim.tailscale_config()),
+        ProvisionSettings {
+            server_type: "cpx22".into(),
+            image: "ubuntu-24.04".into(),
+            ssh_keys: Vec::new(),
+            regions: Regions::default(),
+            tags: sim.config().tailscale_tags.clone(),
+            key_expiry: Duration::from_secs(3600),
+            deadline: Duration::from_secs(900),
+            rollback_timeout: Duration::from_secs(60),
+        },
+        WatchSettings::default(),
+    )
 }
 
 async fn run_in(url: &Secret, args: &DemoArgs) -> anyhow::Result<String> {
@@ -74,21 +90,7 @@ async fn run_in(url: &Secret, args: &DemoArgs) -> anyhow::Result<String> {
         sim.hetzner_base_url(),
         sim.tailscale_base_url()
     );
-    let provisioner = Provisioner::new(
-        HetznerClient::new(sim.hetzner_config()),
-        TailscaleClient::new(sim.tailscale_config()),
-        ProvisionSettings {
-            server_type: "cpx22".into(),
-            image: "ubuntu-24.04".into(),
-            ssh_keys: Vec::new(),
-            regions: Regions::default(),
-            tags: sim.config().tailscale_tags.clone(),
-            key_expiry: Duration::from_secs(3600),
-            deadline: Duration::from_secs(900),
-            rollback_timeout: Duration::from_secs(60),
-        },
-        WatchSettings::default(),
-    );
+    let provisioner = simulated_provisioner(&sim);
     let stop = CancellationToken::new();
     let worker = Worker::new(
         queue.clone(),

@@ -370,39 +370,32 @@ async fn assert_rolled_back(env: &Env, j: &Job) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uniqueness_error_on_create_adopts_the_existing_server() {
-    let env = env(SimConfig::default()).await;
-    let new = job("eu-central");
-    let id = env.queue.enqueue(&new).await.unwrap().job().id;
-    // Another process created this job's server already (say, a daemon whose lease ran out).
-    let p = provisioner(&env.sim, Duration::from_secs(30));
+/// A server for `job` made behind this daemon's back (by another daemon, or by hand), with a
+/// valid key in its user_data so that it joins the tailnet.
+async fn create_server_for(p: &Provisioner, job: Uuid) -> i64 {
+    let tags = vec!["tag:customer-vm".to_owned()];
     let key = p
         .tailscale()
         .create_auth_key(&provisiond::clients::tailscale::CreateKey::single_use(
-            "other daemon",
+            "elsewhere",
             Duration::from_secs(600),
-            vec!["tag:customer-vm".into()],
+            tags.clone(),
         ))
         .await
         .unwrap();
-    let ud = provisiond::provision::cloud_init::user_data(
-        &server_name(id),
-        key.key.expose(),
-        &["tag:customer-vm".to_owned()],
-    )
-    .unwrap();
-    let existing = p
-        .hetzner()
+    let ud =
+        provisiond::provision::cloud_init::user_data(&server_name(job), key.key.expose(), &tags)
+            .unwrap();
+    p.hetzner()
         .create_server(&provisiond::clients::hetzner::CreateServerRequest {
-            name: server_name(id),
+            name: server_name(job),
             server_type: "cpx22".into(),
             image: "ubuntu-24.04".into(),
             location: Some("fsn1".into()),
             user_data: Some(ud),
             labels: [
                 ("managed-by".to_owned(), "provisiond".to_owned()),
-                ("job".to_owned(), id.to_string()),
+                ("job".to_owned(), job.to_string()),
             ]
             .into(),
             ssh_keys: vec![],
@@ -412,7 +405,17 @@ async fn uniqueness_error_on_create_adopts_the_existing_server() {
         .await
         .unwrap()
         .server
-        .id;
+        .id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uniqueness_error_on_create_adopts_the_existing_server() {
+    let env = env(SimConfig::default()).await;
+    let new = job("eu-central");
+    let id = env.queue.enqueue(&new).await.unwrap().job().id;
+    // Another process created this job's server already (say, a daemon whose lease ran out).
+    let p = provisioner(&env.sim, Duration::from_secs(30));
+    let existing = create_server_for(&p, id).await;
     let (stop, task) = worker(&env, p, "w");
     let j = settle(&env.queue, &[id], Duration::from_secs(30))
         .await
@@ -640,42 +643,7 @@ async fn the_reaper_deletes_unowned_resources_and_leaves_live_ones_alone() {
     assert_eq!(live.status(), JobStatus::Running);
     // An orphan: a labelled server, with a device, for a job this database never had.
     let ghost = Uuid::new_v4();
-    let key = p
-        .tailscale()
-        .create_auth_key(&provisiond::clients::tailscale::CreateKey::single_use(
-            "ghost",
-            Duration::from_secs(600),
-            vec!["tag:customer-vm".into()],
-        ))
-        .await
-        .unwrap();
-    let ud = provisiond::provision::cloud_init::user_data(
-        &server_name(ghost),
-        key.key.expose(),
-        &["tag:customer-vm".to_owned()],
-    )
-    .unwrap();
-    let orphan = p
-        .hetzner()
-        .create_server(&provisiond::clients::hetzner::CreateServerRequest {
-            name: server_name(ghost),
-            server_type: "cpx22".into(),
-            image: "ubuntu-24.04".into(),
-            location: Some("fsn1".into()),
-            user_data: Some(ud),
-            labels: [
-                ("managed-by".to_owned(), "provisiond".to_owned()),
-                ("job".to_owned(), ghost.to_string()),
-            ]
-            .into(),
-            ssh_keys: vec![],
-            start_after_create: true,
-            public_net: None,
-        })
-        .await
-        .unwrap()
-        .server
-        .id;
+    let orphan = create_server_for(&p, ghost).await;
     // Let it boot and join.
     let t0 = Instant::now();
     while devices_of(&env.sim, ghost) == 0 {
