@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod http;
+pub mod metrics;
 pub mod queue;
 pub mod secret;
 pub mod sim;
