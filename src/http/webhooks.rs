@@ -31,7 +31,8 @@ const ASYNC_SUCCEEDED: &str = "checkout.session.async_payment_succeeded";
 #[derive(Deserialize)]
 struct StripeEvent {
     id: String,
-    #[serde(rename = "type")]
+    /// Missing is treated as an unhandled type (acknowledged and recorded), not malformed.
+    #[serde(rename = "type", default)]
     event_type: String,
     #[serde(default)]
     data: Option<StripeData>,
