@@ -36,14 +36,14 @@ pub struct QueueBenchArgs {
 }
 
 /// A scratch database that is dropped when the benchmark ends.
-struct Scratch {
+pub(crate) struct Scratch {
     admin: Secret,
     name: String,
-    url: Secret,
+    pub(crate) url: Secret,
 }
 
 impl Scratch {
-    async fn create(server: &Secret) -> anyhow::Result<Scratch> {
+    pub(crate) async fn create(server: &Secret) -> anyhow::Result<Scratch> {
         let name = format!(
             "provisiond_bench_{}",
             &Uuid::new_v4().simple().to_string()[..8]
@@ -62,7 +62,7 @@ impl Scratch {
         })
     }
 
-    async fn drop_now(self) {
+    pub(crate) async fn drop_now(self) {
         if let Ok(mut conn) = db::establish(&self.admin, Duration::from_secs(5)).await {
             let _ = diesel::sql_query(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -293,7 +293,7 @@ async fn pickup_latency(pool: &Pool, ids: &[Uuid]) -> anyhow::Result<(f64, f64, 
 }
 
 /// Runs `pgbench -i` then `pgbench -N` in the database at `url`; returns TPS.
-fn pgbench(url: &Secret, seconds: u32, clients: u32) -> anyhow::Result<f64> {
+pub(crate) fn pgbench(url: &Secret, seconds: u32, clients: u32) -> anyhow::Result<f64> {
     let u = url::Url::parse(url.expose()).context("database URL")?;
     let db = u.path().trim_start_matches('/').to_owned();
     let mut base = std::process::Command::new("pgbench");

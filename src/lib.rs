@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod bench_http;
 pub mod clients;
 pub mod config;
 pub mod db;

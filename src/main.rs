@@ -57,7 +57,7 @@ enum Command {
     /// Load and validate the configuration, and check the database.
     CheckConfig,
     /// Run the Hetzner Cloud + Tailscale API simulator.
-    Sim(provisiond::sim::SimArgs),
+    Sim(Box<provisiond::sim::SimArgs>),
     /// Measure (see BENCHMARKS.md). Uses a scratch database on the configured server.
     Bench {
         #[command(subcommand)]
@@ -69,6 +69,8 @@ enum Command {
 enum BenchCommand {
     /// Queue throughput and pickup latency, against `pgbench -N` on the same database.
     Queue(provisiond::bench::QueueBenchArgs),
+    /// Signed Stripe webhooks and runner heartbeats per second through the HTTP server.
+    Http(provisiond::bench_http::HttpBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -132,7 +134,7 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<String> {
     let mut out = String::new();
     if let Command::Sim(args) = cli.command {
-        provisiond::sim::run(args).await?;
+        provisiond::sim::run(*args).await?;
         return Ok(out);
     }
     let config = Config::load(cli.config.as_deref())?;
@@ -295,6 +297,9 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Bench { command } => match command {
             BenchCommand::Queue(args) => {
                 out = provisiond::bench::queue(config.database_url()?, args).await?;
+            }
+            BenchCommand::Http(args) => {
+                out = provisiond::bench_http::http(config.database_url()?, args).await?;
             }
         },
         Command::Sim(_) => unreachable!("handled above"),
