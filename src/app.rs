@@ -121,6 +121,25 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tokio::spawn(worker.run(shutdown.clone()))
     });
 
+    // --- HTTP surface (issue #5): started before READY, stopped after the worker drained, so
+    // runner callbacks and webhooks are answered for as long as jobs may still move.
+    let http_stop = CancellationToken::new();
+    let http = if config.http.listen.is_empty() {
+        None
+    } else {
+        let state = crate::http::HttpState {
+            queue: queue.clone(),
+            settings: crate::http::HttpSettings::from_config(&config.http, &config.regions)?,
+            regions: config.regions.clone(),
+            database_url: config.database_url()?.clone(),
+            connect_timeout: config.database.connect_timeout,
+        };
+        let (_addr, task) =
+            crate::http::serve(state, &config.http.listen, http_stop.clone()).await?;
+        Some(task)
+    };
+    // --- end HTTP surface
+
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let watchdog = tokio::spawn(watchdog(queue.clone(), shutdown.clone()));
     tracing::info!("provisiond serving");
@@ -130,6 +149,12 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     if let Some(worker) = worker {
         worker.await.context("worker task")?;
     }
+    // --- HTTP surface: stop accepting, let in-flight requests finish.
+    http_stop.cancel();
+    if let Some(http) = http {
+        http.await.context("http server task")?;
+    }
+    // --- end HTTP surface
     let _ = scheduler.shutdown().await;
     watchdog.abort();
     tracing::info!("provisiond stopped");

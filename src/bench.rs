@@ -74,7 +74,7 @@ impl Scratch {
         result
     }
 
-    async fn drop_now(self) {
+    pub(crate) async fn drop_now(self) {
         if let Ok(mut conn) = db::establish(&self.admin, Duration::from_secs(5)).await {
             let _ = diesel::sql_query(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -302,7 +302,7 @@ async fn pickup_latency(pool: &Pool, ids: &[Uuid]) -> anyhow::Result<(f64, f64, 
 }
 
 /// Runs `pgbench -i` then `pgbench -N` in the database at `url`; returns TPS.
-fn pgbench(url: &Secret, seconds: u32, clients: u32) -> anyhow::Result<f64> {
+pub(crate) fn pgbench(url: &Secret, seconds: u32, clients: u32) -> anyhow::Result<f64> {
     let u = url::Url::parse(url.expose()).context("database URL")?;
     let db = u.path().trim_start_matches('/').to_owned();
     let mut base = std::process::Command::new("pgbench");

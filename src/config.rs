@@ -263,12 +263,39 @@ impl Default for ProvisionConfig {
 pub struct HttpConfig {
     /// Where `serve` listens. Empty: no HTTP server.
     pub listen: String,
+    /// File holding the bearer token of the admin and status API. Unset: those routes answer 503.
+    pub admin_token_file: Option<PathBuf>,
+    /// File holding the Stripe endpoint secret; the whole `whsec_...` string is the HMAC key.
+    pub stripe_webhook_secret_file: Option<PathBuf>,
+    /// How far a Stripe-Signature `t=` may be from now, either way.
+    #[serde(with = "humantime_serde")]
+    pub stripe_tolerance: Duration,
+    /// File holding the runners' callback secret (the seed's GITHUB_CALLBACK_SECRET).
+    pub runner_secret_file: Option<PathBuf>,
+    /// Require `X-Signature-Timestamp` on runner callbacks (signature over `"{ts}.{body}"`).
+    /// When false, a timestamped callback is still checked, and a plain one is accepted.
+    pub runner_require_timestamp: bool,
+    /// How far a runner callback's timestamp may be from now, either way.
+    #[serde(with = "humantime_serde")]
+    pub runner_timestamp_tolerance: Duration,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub body_limit: usize,
+    /// Region of a paid order whose metadata names none (the seed's column default).
+    pub default_region: String,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:8080".to_owned(),
+            admin_token_file: None,
+            stripe_webhook_secret_file: None,
+            stripe_tolerance: Duration::from_secs(300),
+            runner_secret_file: None,
+            runner_require_timestamp: false,
+            runner_timestamp_tolerance: Duration::from_secs(300),
+            body_limit: 64 * 1024,
+            default_region: "us-east".to_owned(),
         }
     }
 }

@@ -5,12 +5,14 @@
 
 pub mod app;
 pub mod bench;
+pub mod bench_http;
 pub mod clients;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod domain;
 pub mod http;
+pub mod metrics;
 pub mod provision;
 pub mod queue;
 pub mod secret;

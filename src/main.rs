@@ -76,6 +76,8 @@ enum BenchCommand {
     Queue(provisiond::bench::QueueBenchArgs),
     /// Concurrent jobs through the step machine against the simulator with realistic latency.
     Provision(provisiond::bench::ProvisionBenchArgs),
+    /// Signed Stripe webhooks and runner heartbeats per second through the HTTP server.
+    Http(provisiond::bench_http::HttpBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -324,6 +326,9 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             }
             BenchCommand::Provision(args) => {
                 out = provisiond::bench::provision(config.database_url()?, args).await?;
+            }
+            BenchCommand::Http(args) => {
+                out = provisiond::bench_http::http(config.database_url()?, args).await?;
             }
         },
         Command::Sim(_) => unreachable!("handled above"),

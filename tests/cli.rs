@@ -165,6 +165,8 @@ async fn sigterm_with_jobs_in_flight_exits_promptly_and_hands_them_back() {
     let db = TestDb::new().await;
     let mut child = provisiond(&db)
         .arg("serve")
+        // Any free port: a fixed one collides with other test runs on the machine.
+        .env("PROVISIOND__HTTP__LISTEN", "127.0.0.1:0")
         .env("PROVISIOND__WORKER__HANDLER", "noop")
         // Jobs would hold for a minute: a prompt exit means they were interrupted.
         .env("PROVISIOND__WORKER__NOOP_HOLD", "60s")

@@ -27,8 +27,10 @@ use uuid::Uuid;
 /// The channel the database triggers NOTIFY on when a job may have become claimable.
 pub const NOTIFY_CHANNEL: &str = "provisiond_jobs";
 
+mod external;
 mod instances;
 
+pub use external::{ExternalEnd, StripeEventRecord};
 pub use instances::{Fence, StepFields, VmMetadata};
 
 #[derive(Debug, thiserror::Error)]

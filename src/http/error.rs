@@ -1,0 +1,93 @@
+//! The one mapping from what went wrong to an HTTP status and a `{"error": "..."}` body.
+//!
+//! Must not: put a secret, signature, token or request body in a message. Database trouble is a
+//! 503 (the request may be retried), never a 500 blamed on the input.
+
+use crate::queue::QueueError;
+use serde::Serialize;
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// A feature that is off because its secret is not configured.
+    #[error("{0}")]
+    NotConfigured(&'static str),
+    #[error("database unavailable, try again")]
+    Unavailable,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotConfigured(_) | ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::BadRequest(message.into())
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::NotFound(_) => ApiError::NotFound("Job not found".into()),
+            QueueError::IllegalTransition { .. } | QueueError::AgentOfAnotherUser { .. } => {
+                ApiError::Conflict(e.to_string())
+            }
+            // A lease error cannot come from the HTTP paths (they write unfenced or as external).
+            QueueError::LeaseLost(_) => ApiError::Conflict(e.to_string()),
+            QueueError::Db(db) => {
+                tracing::warn!(error = %db, "database error while serving a request");
+                ApiError::Unavailable
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        let mut response = warp::reply::with_status(
+            warp::reply::json(&ErrorBody { error: &message }),
+            self.status(),
+        )
+        .into_response();
+        if matches!(self, ApiError::Unauthorized(_)) {
+            response.headers_mut().insert(
+                warp::http::header::WWW_AUTHENTICATE,
+                warp::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// A JSON reply with `status`.
+pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}

@@ -1,0 +1,337 @@
+//! The queue writes and reads the HTTP surface needs: an external runner's status callbacks,
+//! operator retry and cancel, the status API's lookups, the Stripe event log, and the numbers
+//! `/metrics` reads at scrape time.
+//!
+//! Each write is one statement whose `WHERE` clause is the legality check, so two racing writers
+//! (a runner callback and the daemon's claim, an operator and the sweep) cannot both win: zero
+//! rows means "not allowed now", and only then is the row read to say why (404 or 409). Terminal
+//! states never regress; the schema's trigger refuses it anyway. Must not: know about HTTP,
+//! signatures or Stripe's JSON; hold a transaction across anything but the database.
+
+use super::{Queue, QueueError};
+use crate::db::models::{AgentInstance, Job};
+use crate::db::schema::{agent_instances, provisioning_jobs};
+use crate::domain::{Executor, JobStatus};
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::{Double, Nullable, Text};
+use diesel_async::RunQueryDsl;
+use std::time::Duration;
+use uuid::Uuid;
+
+// A queued job nobody holds becomes the runner's; a repeated `provisioning` callback for a job
+// the runner already drives refreshes its heartbeat. A daemon-held job (leased) never matches.
+const START_EXTERNAL_SQL: &str = "\
+UPDATE provisioning_jobs
+SET status = 'provisioning', executor = 'external',
+    claimed_at = CASE WHEN status = 'queued' THEN now() ELSE claimed_at END,
+    last_heartbeat_at = now(), updated_at = now(),
+    workflow_run_id = coalesce($2, workflow_run_id)
+WHERE id = $1
+  AND ((status = 'queued' AND lease_token IS NULL)
+    OR (status = 'provisioning' AND executor = 'external'))
+RETURNING *";
+
+const EXTERNAL_HEARTBEAT_SQL: &str = "\
+UPDATE provisioning_jobs SET last_heartbeat_at = now()
+WHERE id = $1 AND executor = 'external' AND status = 'provisioning'
+RETURNING *";
+
+const EXTERNAL_RUNNING_SQL: &str = "\
+UPDATE provisioning_jobs
+SET status = 'running', completed_at = now(), updated_at = now(),
+    current_step = NULL, error = NULL, failed_step = NULL
+WHERE id = $1 AND executor = 'external' AND status = 'provisioning'
+RETURNING *";
+
+// External jobs are not retried by the daemon: the runner decided the attempt is over.
+const EXTERNAL_FAILED_SQL: &str = "\
+UPDATE provisioning_jobs
+SET status = 'failed', completed_at = now(), updated_at = now(),
+    error = $2, last_error = $2, failed_step = coalesce($3, current_step)
+WHERE id = $1 AND executor = 'external' AND status = 'provisioning'
+RETURNING *";
+
+// Queued: run now (skip the backoff). Failed: the operator retry the schema's trigger allows
+// (operator_retries + 1), with a fresh retry budget, run by the daemon from now on.
+const RETRY_SQL: &str = "\
+UPDATE provisioning_jobs
+SET run_after = now(), updated_at = now(),
+    status = 'queued',
+    operator_retries = operator_retries + (status = 'failed')::int,
+    retry_count = CASE WHEN status = 'failed' THEN 0 ELSE retry_count END,
+    error = CASE WHEN status = 'failed' THEN NULL ELSE error END,
+    failed_step = CASE WHEN status = 'failed' THEN NULL ELSE failed_step END,
+    completed_at = CASE WHEN status = 'failed' THEN NULL ELSE completed_at END,
+    executor = CASE WHEN status = 'failed' THEN 'daemon'::job_executor ELSE executor END
+WHERE id = $1 AND status IN ('queued', 'failed')
+RETURNING *";
+
+const CANCEL_SQL: &str = "\
+UPDATE provisioning_jobs
+SET status = 'cancelled', completed_at = now(), updated_at = now()
+WHERE id = $1 AND status = 'queued'
+RETURNING *";
+
+const OLDEST_QUEUED_SQL: &str = "\
+SELECT coalesce(extract(epoch FROM now() - min(run_after)), 0)::float8 AS age
+FROM provisioning_jobs WHERE status = 'queued' AND run_after <= now()";
+
+const FIND_STRIPE_EVENT_SQL: &str = "\
+SELECT event_id, type, outcome, reason, job_id FROM stripe_events WHERE event_id = $1";
+
+const RECORD_STRIPE_EVENT_SQL: &str = "\
+INSERT INTO stripe_events (event_id, type, outcome, reason, session_id, job_id)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (event_id) DO NOTHING";
+
+/// How an external runner ended its attempt, without VM metadata (the seed's `updateJobStatus`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExternalEnd {
+    Running,
+    Failed {
+        error: String,
+        failed_step: Option<String>,
+    },
+}
+
+/// A verified Stripe event and what was done about it (the `stripe_events` table).
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName, serde::Serialize)]
+pub struct StripeEventRecord {
+    #[diesel(sql_type = Text)]
+    pub event_id: String,
+    #[diesel(sql_type = Text, column_name = "type")]
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// `enqueued`, `duplicate`, `ignored` or `not_actionable`.
+    #[diesel(sql_type = Text)]
+    pub outcome: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub reason: Option<String>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
+    pub job_id: Option<Uuid>,
+}
+
+#[derive(QueryableByName)]
+struct AgeRow {
+    #[diesel(sql_type = Double)]
+    age: f64,
+}
+
+impl Queue {
+    /// The runner's `status: provisioning` callback: takes a queued job nobody holds, or
+    /// refreshes one it already drives.
+    pub async fn start_external(
+        &self,
+        job_id: Uuid,
+        workflow_run_id: Option<&str>,
+    ) -> Result<Job, QueueError> {
+        let mut conn = self.pool().get().await?;
+        let rows: Result<Vec<Job>, DieselError> = diesel::sql_query(START_EXTERNAL_SQL)
+            .bind::<diesel::sql_types::Uuid, _>(job_id)
+            .bind::<Nullable<Text>, _>(workflow_run_id)
+            .load(&mut conn)
+            .await;
+        match rows {
+            Ok(mut rows) if !rows.is_empty() => Ok(rows.remove(0)),
+            Ok(_) => Err(self.why_not(job_id, JobStatus::Provisioning).await),
+            // The user already has another job provisioning: this one waits.
+            Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => {
+                Err(QueueError::IllegalTransition {
+                    job: job_id,
+                    from: JobStatus::Queued,
+                    to: JobStatus::Provisioning,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The runner's heartbeat: only for a job it drives.
+    pub async fn external_heartbeat(&self, job_id: Uuid) -> Result<Job, QueueError> {
+        self.external_write(
+            EXTERNAL_HEARTBEAT_SQL,
+            job_id,
+            None,
+            None,
+            JobStatus::Provisioning,
+        )
+        .await
+    }
+
+    /// The runner's `running` (without metadata) or `failed` callback. Repeating the callback
+    /// that already ended the job is accepted and changes nothing.
+    pub async fn end_external(&self, job_id: Uuid, end: &ExternalEnd) -> Result<Job, QueueError> {
+        let job = match end {
+            ExternalEnd::Running => {
+                self.external_write(EXTERNAL_RUNNING_SQL, job_id, None, None, JobStatus::Running)
+                    .await
+            }
+            ExternalEnd::Failed { error, failed_step } => {
+                self.external_write(
+                    EXTERNAL_FAILED_SQL,
+                    job_id,
+                    Some(error),
+                    failed_step.as_deref(),
+                    JobStatus::Failed,
+                )
+                .await
+            }
+        }?;
+        self.notify_workers();
+        Ok(job)
+    }
+
+    async fn external_write(
+        &self,
+        sql: &str,
+        job_id: Uuid,
+        text: Option<&str>,
+        step: Option<&str>,
+        to: JobStatus,
+    ) -> Result<Job, QueueError> {
+        let mut conn = self.pool().get().await?;
+        let query = diesel::sql_query(sql).bind::<diesel::sql_types::Uuid, _>(job_id);
+        let mut rows: Vec<Job> = match text {
+            Some(t) => {
+                query
+                    .bind::<Text, _>(t)
+                    .bind::<Nullable<Text>, _>(step)
+                    .load(&mut conn)
+                    .await?
+            }
+            None => query.load(&mut conn).await?,
+        };
+        if rows.is_empty() {
+            return match self.get(job_id).await? {
+                // A runner retrying the callback that already ended its job.
+                Some(job)
+                    if to.is_terminal()
+                        && job.status() == to
+                        && job.executor() == Executor::External =>
+                {
+                    Ok(job)
+                }
+                _ => Err(self.why_not(job_id, to).await),
+            };
+        }
+        Ok(rows.remove(0))
+    }
+
+    /// Operator retry: a queued job runs now; a failed one is queued again for the daemon
+    /// (`operator_retries + 1`, retry budget and error reset). Anything else is a 409.
+    pub async fn retry_now(&self, job_id: Uuid) -> Result<Job, QueueError> {
+        let job = self
+            .one_or_why(RETRY_SQL, job_id, JobStatus::Queued)
+            .await?;
+        self.notify_workers();
+        Ok(job)
+    }
+
+    /// Cancels a queued job. A provisioning job is refused: only its worker can stop it at a
+    /// checkpoint and roll back what it created.
+    pub async fn cancel(&self, job_id: Uuid) -> Result<Job, QueueError> {
+        self.one_or_why(CANCEL_SQL, job_id, JobStatus::Cancelled)
+            .await
+    }
+
+    async fn one_or_why(&self, sql: &str, job_id: Uuid, to: JobStatus) -> Result<Job, QueueError> {
+        let mut conn = self.pool().get().await?;
+        let mut rows: Vec<Job> = diesel::sql_query(sql)
+            .bind::<diesel::sql_types::Uuid, _>(job_id)
+            .load(&mut conn)
+            .await?;
+        if rows.is_empty() {
+            return Err(self.why_not(job_id, to).await);
+        }
+        Ok(rows.remove(0))
+    }
+
+    /// Why a guarded write matched no row: the job is unknown, or its state forbids it.
+    async fn why_not(&self, job_id: Uuid, to: JobStatus) -> QueueError {
+        match self.get(job_id).await {
+            Ok(None) => QueueError::NotFound(job_id),
+            Ok(Some(job)) => QueueError::IllegalTransition {
+                job: job_id,
+                from: job.status(),
+                to,
+            },
+            Err(e) => e,
+        }
+    }
+
+    /// The agent's most recent job (the seed's `getJobByAgentId`).
+    pub async fn latest_job_for_agent(&self, agent_id: Uuid) -> Result<Option<Job>, QueueError> {
+        let mut conn = self.pool().get().await?;
+        Ok(provisioning_jobs::table
+            .filter(provisioning_jobs::agent_id.eq(agent_id))
+            .order((
+                provisioning_jobs::created_at.desc(),
+                provisioning_jobs::id.desc(),
+            ))
+            .select(Job::as_select())
+            .first(&mut conn)
+            .await
+            .optional()?)
+    }
+
+    /// The agent's instance row: the one `job_id` made, else its newest.
+    pub async fn instance_for_agent(
+        &self,
+        agent_id: Uuid,
+        job_id: Option<Uuid>,
+    ) -> Result<Option<AgentInstance>, QueueError> {
+        let mut conn = self.pool().get().await?;
+        let job_id = job_id.unwrap_or(Uuid::nil());
+        Ok(agent_instances::table
+            .filter(agent_instances::agent_id.eq(agent_id))
+            .order((
+                agent_instances::job_id.eq(job_id).desc(),
+                agent_instances::created_at.desc(),
+            ))
+            .select(AgentInstance::as_select())
+            .first(&mut conn)
+            .await
+            .optional()?)
+    }
+
+    /// How long the oldest claimable queued job has waited (zero when none).
+    pub async fn oldest_queued_age(&self) -> Result<Duration, QueueError> {
+        let mut conn = self.pool().get().await?;
+        let row: AgeRow = diesel::sql_query(OLDEST_QUEUED_SQL)
+            .get_result(&mut conn)
+            .await?;
+        Ok(Duration::from_secs_f64(row.age.max(0.0)))
+    }
+
+    pub async fn find_stripe_event(
+        &self,
+        event_id: &str,
+    ) -> Result<Option<StripeEventRecord>, QueueError> {
+        let mut conn = self.pool().get().await?;
+        Ok(diesel::sql_query(FIND_STRIPE_EVENT_SQL)
+            .bind::<Text, _>(event_id)
+            .get_result(&mut conn)
+            .await
+            .optional()?)
+    }
+
+    /// Records a verified event once; a concurrent delivery of the same event keeps the first.
+    pub async fn record_stripe_event(
+        &self,
+        event: &StripeEventRecord,
+        session_id: Option<&str>,
+    ) -> Result<(), QueueError> {
+        let mut conn = self.pool().get().await?;
+        diesel::sql_query(RECORD_STRIPE_EVENT_SQL)
+            .bind::<Text, _>(&event.event_id)
+            .bind::<Text, _>(&event.event_type)
+            .bind::<Text, _>(&event.outcome)
+            .bind::<Nullable<Text>, _>(event.reason.as_deref())
+            .bind::<Nullable<Text>, _>(session_id)
+            .bind::<Nullable<diesel::sql_types::Uuid>, _>(event.job_id)
+            .execute(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
