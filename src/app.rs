@@ -5,8 +5,12 @@
 //! scheduler. systemd is told READY once migrations ran and the pool is up, and STOPPING when
 //! the drain begins; the watchdog is pinged while the process is healthy.
 
+use crate::clients::hetzner::{HetznerClient, HetznerConfig};
+use crate::clients::tailscale::{TailscaleClient, TailscaleConfig};
 use crate::config::{Config, HandlerKind};
 use crate::db;
+use crate::provision::watch::WatchSettings;
+use crate::provision::{ProvisionSettings, Provisioner, reaper, usable_regions};
 use crate::queue::Queue;
 use crate::worker::{JobHandler, NoopHandler, Worker, WorkerSettings};
 use anyhow::Context;
@@ -29,32 +33,85 @@ pub async fn open_queue(config: &Config, migrate: bool) -> anyhow::Result<Queue>
     Ok(Queue::new(pool, (&config.queue).into()))
 }
 
-fn handler_for(config: &Config) -> anyhow::Result<Arc<dyn JobHandler>> {
+/// The Hetzner and Tailscale clients from config (one of each per process: the Hetzner client
+/// carries the process's rate budget).
+pub fn clients(config: &Config) -> anyhow::Result<(HetznerClient, TailscaleClient)> {
+    let token = config
+        .hetzner
+        .token
+        .clone()
+        .context("no Hetzner token: set hetzner.token_file (or PROVISIOND__HETZNER__TOKEN)")?;
+    let mut h = HetznerConfig::new(config.hetzner.base_url.clone(), token);
+    h.request_timeout = config.hetzner.request_timeout;
+    let ts = &config.tailscale;
+    anyhow::ensure!(
+        !ts.client_id.is_empty(),
+        "no Tailscale OAuth client: set tailscale.client_id"
+    );
+    let secret = ts.client_secret.clone().context(
+        "no Tailscale OAuth secret: set tailscale.client_secret_file (or PROVISIOND__TAILSCALE__CLIENT_SECRET)",
+    )?;
+    let mut t = TailscaleConfig::new(
+        ts.base_url.clone(),
+        ts.client_id.clone(),
+        secret,
+        ts.tags.clone(),
+    );
+    t.tailnet = ts.tailnet.clone();
+    t.request_timeout = ts.request_timeout;
+    Ok((HetznerClient::new(h), TailscaleClient::new(t)))
+}
+
+/// The provisioning handler, after the startup check of the server type.
+pub async fn provisioner(config: &Config) -> anyhow::Result<Provisioner> {
+    let (hetzner, tailscale) = clients(config)?;
+    let mut settings = ProvisionSettings::from_config(config);
+    settings.regions = usable_regions(&hetzner, &settings)
+        .await
+        .context("startup check of hetzner.server_type")?;
+    Ok(Provisioner::new(
+        hetzner,
+        tailscale,
+        settings,
+        WatchSettings::default(),
+    ))
+}
+
+async fn handler_for(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn JobHandler>, Option<Provisioner>)> {
     match config.worker.handler {
         HandlerKind::Noop => {
             tracing::warn!(
                 "worker.handler = \"noop\": jobs are marked running without provisioning anything"
             );
-            Ok(Arc::new(NoopHandler {
-                hold: config.worker.noop_hold,
-            }))
+            Ok((
+                Arc::new(NoopHandler {
+                    hold: config.worker.noop_hold,
+                }),
+                None,
+            ))
         }
-        HandlerKind::Provision => anyhow::bail!(
-            "worker.handler = \"provision\" is not available in this build yet; \
-             run with [worker] enabled = false, or handler = \"noop\" for tests"
-        ),
+        HandlerKind::Provision => {
+            let p = provisioner(config).await?;
+            Ok((Arc::new(p.clone()), Some(p)))
+        }
     }
 }
 
 /// Runs the daemon until `shutdown` fires.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let handler = if config.worker.enabled {
-        Some(handler_for(&config)?)
+    let (handler, provisioner) = if config.worker.enabled {
+        let (h, p) = handler_for(&config).await?;
+        (Some(h), p)
     } else {
-        None
+        (None, None)
     };
     let queue = open_queue(&config, true).await?;
     let mut scheduler = start_sweeper(&config.sweep.schedule, queue.clone()).await?;
+    if let Some(p) = &provisioner {
+        schedule_reaper(&scheduler, &config, queue.clone(), p.clone()).await?;
+    }
 
     let worker = handler.map(|handler| {
         let settings = WorkerSettings::from_config(&config.worker);
@@ -123,6 +180,42 @@ async fn start_sweeper(schedule: &str, queue: Queue) -> anyhow::Result<JobSchedu
     scheduler.add(job).await.context("schedule sweep")?;
     scheduler.start().await.context("start scheduler")?;
     Ok(scheduler)
+}
+
+/// The reaper on its cron schedule; a failing pass is logged and the schedule goes on.
+async fn schedule_reaper(
+    scheduler: &JobScheduler,
+    config: &Config,
+    queue: Queue,
+    p: Provisioner,
+) -> anyhow::Result<()> {
+    let grace = config.provision.reaper_grace;
+    let schedule = config.provision.reaper_schedule.clone();
+    let job = CronJob::new_async(schedule.as_str(), move |_id, _lock| {
+        let (queue, p) = (queue.clone(), p.clone());
+        Box::pin(async move {
+            let r = reaper::reap(
+                &queue,
+                p.hetzner(),
+                p.tailscale(),
+                &p.settings().tags,
+                grace,
+            )
+            .await;
+            if !r.servers_deleted.is_empty() || !r.devices_deleted.is_empty() {
+                tracing::warn!(
+                    servers = r.servers_deleted.len(),
+                    devices = r.devices_deleted.len(),
+                    "reaper pass"
+                );
+            }
+        })
+    })
+    .with_context(|| {
+        format!("provision.reaper_schedule {schedule:?} is not a valid cron expression")
+    })?;
+    scheduler.add(job).await.context("schedule reaper")?;
+    Ok(())
 }
 
 /// Pings the systemd watchdog while the database answers, so that a wedged process is restarted.

@@ -38,6 +38,9 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub sweep: SweepConfig,
     pub http: HttpConfig,
+    pub hetzner: HetznerSettings,
+    pub tailscale: TailscaleSettings,
+    pub provision: ProvisionConfig,
     /// Seed region name → Hetzner locations, first choice first.
     pub regions: Regions,
 }
@@ -155,6 +158,101 @@ impl Default for SweepConfig {
     fn default() -> Self {
         SweepConfig {
             schedule: "*/15 * * * * *".to_owned(),
+        }
+    }
+}
+
+/// The Hetzner Cloud project the daemon creates servers in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HetznerSettings {
+    pub base_url: url::Url,
+    /// API token of the project. Prefer `token_file` (a systemd credential).
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    /// Checked against `GET /server_types` at startup: deprecated or unavailable is an error.
+    pub server_type: String,
+    pub image: String,
+    /// SSH key names or ids; without any, Hetzner generates a root password (never logged).
+    pub ssh_keys: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for HetznerSettings {
+    fn default() -> Self {
+        HetznerSettings {
+            base_url: url::Url::parse("https://api.hetzner.cloud/v1").expect("static URL"),
+            token: None,
+            token_file: None,
+            server_type: "cpx22".to_owned(),
+            image: "ubuntu-24.04".to_owned(),
+            ssh_keys: Vec::new(),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The tailnet the VMs join, through an OAuth client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TailscaleSettings {
+    /// Without the `/api/v2` suffix.
+    pub base_url: url::Url,
+    /// `-` is the OAuth client's own tailnet.
+    pub tailnet: String,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub client_secret_file: Option<PathBuf>,
+    /// Must be exactly the OAuth client's tag set; the VMs advertise them.
+    pub tags: Vec<String>,
+    /// Lifetime of each single-use auth key. Keep it short: Hetzner stores user_data.
+    #[serde(with = "humantime_serde")]
+    pub key_expiry: Duration,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for TailscaleSettings {
+    fn default() -> Self {
+        TailscaleSettings {
+            base_url: url::Url::parse("https://api.tailscale.com").expect("static URL"),
+            tailnet: "-".to_owned(),
+            client_id: String::new(),
+            client_secret: None,
+            client_secret_file: None,
+            tags: vec!["tag:customer-vm".to_owned()],
+            key_expiry: Duration::from_secs(3600),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The step machine, its deadline and the reaper.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisionConfig {
+    /// An attempt that has not finished this long after its claim fails (the seed's 15 min).
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Cron expression (with seconds) for the reaper of unowned servers and devices.
+    pub reaper_schedule: String,
+    /// An unowned server or device younger than this is left alone (it may be mid-creation).
+    #[serde(with = "humantime_serde")]
+    pub reaper_grace: Duration,
+    /// How long a rollback keeps retrying deletes (through 429s and 5xx) before leaving the
+    /// rest to the reaper.
+    #[serde(with = "humantime_serde")]
+    pub rollback_timeout: Duration,
+}
+
+impl Default for ProvisionConfig {
+    fn default() -> Self {
+        ProvisionConfig {
+            deadline: Duration::from_secs(900),
+            reaper_schedule: "0 */5 * * * *".to_owned(),
+            reaper_grace: Duration::from_secs(1800),
+            rollback_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -290,6 +388,16 @@ impl Config {
             })?;
             config.database.url = Some(Secret::new(text.trim()));
         }
+        read_secret_file(
+            &mut config.hetzner.token,
+            &config.hetzner.token_file,
+            "hetzner.token_file",
+        )?;
+        read_secret_file(
+            &mut config.tailscale.client_secret,
+            &config.tailscale.client_secret_file,
+            "tailscale.client_secret_file",
+        )?;
         config.validate()?;
         Ok(config)
     }
@@ -340,6 +448,19 @@ impl Config {
                 ));
             }
         }
+        if self.tailscale.tags.is_empty()
+            || self.tailscale.tags.iter().any(|t| !t.starts_with("tag:"))
+        {
+            return invalid("tailscale.tags must be a non-empty list of \"tag:...\" names".into());
+        }
+        if self.tailscale.key_expiry < Duration::from_secs(300)
+            || self.tailscale.key_expiry > Duration::from_secs(24 * 3600)
+        {
+            return invalid("tailscale.key_expiry must be between 5m and 24h".into());
+        }
+        if self.provision.deadline < Duration::from_secs(60) {
+            return invalid("provision.deadline must be at least 1m".into());
+        }
         if self.sweep.schedule.trim().is_empty() {
             return invalid("sweep.schedule must be a cron expression".into());
         }
@@ -354,6 +475,25 @@ impl Config {
             )
         })
     }
+}
+
+/// Fills `value` from `file` when it is not set directly.
+fn read_secret_file(
+    value: &mut Option<Secret>,
+    file: &Option<PathBuf>,
+    key: &'static str,
+) -> Result<(), ConfigError> {
+    if value.is_none()
+        && let Some(path) = file
+    {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+            key,
+            path: path.clone(),
+            source,
+        })?;
+        *value = Some(Secret::new(text.trim()));
+    }
+    Ok(())
 }
 
 /// `WORKER__CONCURRENCY=8` sets `[worker] concurrency = 8`. The value is read as a TOML literal

@@ -54,6 +54,11 @@ enum Command {
     },
     /// Retry or fail stale jobs now (the scheduled sweep, on demand).
     Sweep,
+    /// Delete servers and tailnet devices that no live job owns (the scheduled reaper, now).
+    Reap,
+    /// Run the whole pipeline against the built-in simulator in a scratch database, showing
+    /// each job's steps as they happen.
+    Demo(provisiond::demo::DemoArgs),
     /// Load and validate the configuration, and check the database.
     CheckConfig,
     /// Run the Hetzner Cloud + Tailscale API simulator.
@@ -69,6 +74,8 @@ enum Command {
 enum BenchCommand {
     /// Queue throughput and pickup latency, against `pgbench -N` on the same database.
     Queue(provisiond::bench::QueueBenchArgs),
+    /// Concurrent jobs through the step machine against the simulator with realistic latency.
+    Provision(provisiond::bench::ProvisionBenchArgs),
     /// Signed Stripe webhooks and runner heartbeats per second through the HTTP server.
     Http(provisiond::bench_http::HttpBenchArgs),
 }
@@ -266,6 +273,25 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 }
             }
         }
+        Command::Reap => {
+            let queue = app::open_queue(&config, false).await?;
+            let p = app::provisioner(&config).await?;
+            let report = provisiond::provision::reaper::reap(
+                &queue,
+                p.hetzner(),
+                p.tailscale(),
+                &p.settings().tags,
+                config.provision.reaper_grace,
+            )
+            .await;
+            w!(out, "{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Demo(args) => {
+            let server = config.database.url.clone().unwrap_or_else(|| {
+                provisiond::secret::Secret::new("postgres://postgres@127.0.0.1:5432/postgres")
+            });
+            out = provisiond::demo::run(&server, args).await?;
+        }
         Command::Sweep => {
             let queue = app::open_queue(&config, false).await?;
             let report = queue.sweep().await?;
@@ -297,6 +323,9 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Bench { command } => match command {
             BenchCommand::Queue(args) => {
                 out = provisiond::bench::queue(config.database_url()?, args).await?;
+            }
+            BenchCommand::Provision(args) => {
+                out = provisiond::bench::provision(config.database_url()?, args).await?;
             }
             BenchCommand::Http(args) => {
                 out = provisiond::bench_http::http(config.database_url()?, args).await?;

@@ -272,3 +272,98 @@ async fn sigterm_with_jobs_in_flight_exits_promptly_and_hands_them_back() {
         .unwrap();
     assert!(stderr.contains("SIGTERM"), "{stderr}");
 }
+
+/// Two real `provisiond serve` processes, configured only through the environment, share one
+/// database and one simulated cloud project: 100 purchases become exactly 100 servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serve_processes_provision_100_jobs_without_duplicates() {
+    let db = TestDb::new().await;
+    let sim = provisiond::sim::Simulator::start(provisiond::sim::SimConfig::default())
+        .await
+        .unwrap();
+    let cfg = sim.config();
+    let spawn = || {
+        provisiond(&db)
+            .arg("serve")
+            .env("PROVISIOND__WORKER__HANDLER", "provision")
+            .env("PROVISIOND__WORKER__POLL_INTERVAL", "200ms")
+            .env("PROVISIOND__HTTP__LISTEN", "")
+            .env(
+                "PROVISIOND__HETZNER__BASE_URL",
+                sim.hetzner_base_url().as_str(),
+            )
+            .env("PROVISIOND__HETZNER__TOKEN", sim.hetzner_token().expose())
+            .env(
+                "PROVISIOND__TAILSCALE__BASE_URL",
+                sim.tailscale_base_url().as_str(),
+            )
+            .env("PROVISIOND__TAILSCALE__CLIENT_ID", &cfg.tailscale_client_id)
+            .env(
+                "PROVISIOND__TAILSCALE__CLIENT_SECRET",
+                cfg.tailscale_client_secret.expose(),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn serve")
+    };
+    let mut daemons = [spawn(), spawn()];
+    let q = Queue::new(db.pool().await, QueueSettings::default());
+    let regions = ["eu-central", "us-east", "us-west", "ap-southeast"];
+    for i in 0..100 {
+        q.enqueue(&provisiond::queue::NewJob {
+            agent_id: uuid::Uuid::new_v4(),
+            user_id: uuid::Uuid::new_v4(),
+            region: regions[i % 4].into(),
+            stripe_event_id: None,
+            business_key: None,
+            executor: provisiond::domain::Executor::Daemon,
+            max_retries: None,
+        })
+        .await
+        .unwrap();
+    }
+    let t0 = Instant::now();
+    while db
+        .count("SELECT count(*) FROM provisioning_jobs WHERE status = 'running'")
+        .await
+        < 100
+    {
+        for d in daemons.iter_mut() {
+            assert!(d.try_wait().unwrap().is_none(), "a daemon exited early");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "not all provisioned: {} running",
+            db.count("SELECT count(*) FROM provisioning_jobs WHERE status = 'running'")
+                .await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for d in &daemons {
+        Command::new("kill")
+            .args(["-TERM", &d.id().to_string()])
+            .status()
+            .unwrap();
+    }
+    for d in daemons.iter_mut() {
+        assert!(d.wait().unwrap().success());
+    }
+    let owners = db
+        .count(
+            "SELECT count(DISTINCT data->>'lease_owner') FROM job_events WHERE message = 'claimed'",
+        )
+        .await;
+    assert_eq!(owners, 2, "both daemons claimed jobs");
+    let state = sim.state();
+    assert_eq!(state.servers.len(), 100, "one server per job");
+    assert_eq!(state.count("POST /v1/servers"), 100, "no job created twice");
+    assert_eq!(state.devices.len(), 100);
+    assert_eq!(
+        db.count(
+            "SELECT count(DISTINCT server_id) FROM provisioning_jobs WHERE status = 'running'"
+        )
+        .await,
+        100
+    );
+}

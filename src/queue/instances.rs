@@ -31,6 +31,21 @@ pub struct VmMetadata {
     pub tailscale_ip: String,
 }
 
+/// What a daemon step found, recorded with its checkpoint. `None` leaves a column as it is;
+/// `Some(None)` clears it.
+#[derive(Debug, Clone, Default, PartialEq, AsChangeset)]
+#[diesel(table_name = provisioning_jobs)]
+pub struct StepFields {
+    pub tailscale_key_id: Option<Option<String>>,
+    pub server_name: Option<String>,
+    pub server_id: Option<Option<i64>>,
+    pub server_ip: Option<Option<String>>,
+    pub location: Option<Option<String>>,
+    pub pending_action_ids: Option<Vec<i64>>,
+    pub device_id: Option<Option<String>>,
+    pub tailscale_ip: Option<Option<String>>,
+}
+
 /// Instance statuses the seed counts as "this agent's current instance".
 const LIVE_INSTANCE: [&str; 3] = ["pending", "provisioning", "running"];
 
@@ -95,6 +110,21 @@ impl Queue {
         message: &str,
         data: serde_json::Value,
     ) -> Result<Job, QueueError> {
+        self.checkpoint_step(job_id, fence, step, message, data, StepFields::default())
+            .await
+    }
+
+    /// [`Queue::record_step`] that also records what the step found (its checkpoint), so that a
+    /// resumed attempt starts from there.
+    pub async fn checkpoint_step(
+        &self,
+        job_id: Uuid,
+        fence: Fence,
+        step: &str,
+        message: &str,
+        data: serde_json::Value,
+        fields: StepFields,
+    ) -> Result<Job, QueueError> {
         let mut conn = self.pool().get().await?;
         let (step, message) = (step.to_owned(), message.to_owned());
         conn.transaction::<_, QueueError, _>(async move |conn| {
@@ -103,6 +133,7 @@ impl Queue {
                 .set((
                     provisioning_jobs::current_step.eq(&step),
                     provisioning_jobs::updated_at.eq(diesel::dsl::now),
+                    fields,
                 ))
                 .returning(Job::as_returning())
                 .get_result(conn)

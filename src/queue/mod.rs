@@ -31,7 +31,7 @@ mod external;
 mod instances;
 
 pub use external::{ExternalEnd, StripeEventRecord};
-pub use instances::{Fence, VmMetadata};
+pub use instances::{Fence, StepFields, VmMetadata};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -248,7 +248,7 @@ const FAIL_SQL: &str = "\
 WITH decided AS (
     SELECT id, ($3 AND retry_count < max_retries) AS retry
     FROM provisioning_jobs WHERE id = $1 AND lease_token = $2 AND status = 'provisioning'
-)
+), upd AS (
 UPDATE provisioning_jobs j
 SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_status END,
     retry_count = j.retry_count + d.retry::int,
@@ -260,7 +260,12 @@ SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_stat
     completed_at = CASE WHEN d.retry THEN NULL ELSE now() END,
     lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM decided d WHERE j.id = d.id
-RETURNING NOT d.retry AS failed, j.run_after";
+RETURNING j.id, NOT d.retry AS failed, j.run_after
+), instance AS (
+    UPDATE agent_instances i SET status = 'failed', updated_at = now()
+    FROM upd WHERE i.job_id = upd.id AND upd.failed
+)
+SELECT failed, run_after FROM upd";
 
 /// `{filter}` narrows the sweep to one job for the status path.
 const SWEEP_SQL: &str = "\
@@ -284,7 +289,7 @@ WITH stale AS (
                      || 's'
            END AS reason
     FROM provisioning_jobs j JOIN stale s ON s.id = j.id
-)
+), upd AS (
 UPDATE provisioning_jobs j
 SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_status END,
     retry_count = j.retry_count + d.retry::int,
@@ -297,7 +302,12 @@ SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_stat
     completed_at = CASE WHEN d.retry THEN NULL ELSE now() END,
     lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM decided d WHERE j.id = d.id
-RETURNING j.id, NOT d.retry AS failed";
+RETURNING j.id, NOT d.retry AS failed
+), instance AS (
+    UPDATE agent_instances i SET status = 'failed', updated_at = now()
+    FROM upd WHERE i.job_id = upd.id AND upd.failed
+)
+SELECT id, failed FROM upd";
 
 /// Announces, after commit, that jobs may have become claimable: one `pg_notify` for any number
 /// of pokes that arrive while the previous one is being sent.
@@ -626,6 +636,19 @@ impl Queue {
             .first(&mut conn)
             .await
             .optional()?)
+    }
+
+    /// The jobs with these ids (missing ones are simply absent).
+    pub async fn get_many(&self, ids: &[Uuid]) -> Result<Vec<Job>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.pool.get().await?;
+        Ok(provisioning_jobs::table
+            .filter(provisioning_jobs::id.eq_any(ids))
+            .select(Job::as_select())
+            .load(&mut conn)
+            .await?)
     }
 
     /// Newest first.

@@ -394,7 +394,10 @@ struct TailscaleUp {
 /// Finds the arguments of `tailscale up` in user_data: `--auth-key`/`--authkey` and
 /// `--hostname`, each with `=` or a space. Quotes around values are stripped.
 fn parse_tailscale_up(user_data: &str) -> Option<TailscaleUp> {
-    let line = user_data.lines().find(|l| l.contains("tailscale up"))?;
+    // A shell or YAML comment that mentions the command is not the command.
+    let line = user_data
+        .lines()
+        .find(|l| l.contains("tailscale up") && !l.trim_start().starts_with('#'))?;
     let args = &line[line.find("tailscale up")? + "tailscale up".len()..];
     let words: Vec<&str> = args
         .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
@@ -425,6 +428,17 @@ fn parse_tailscale_up(user_data: &str) -> Option<TailscaleUp> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn comments_mentioning_tailscale_up_are_not_the_command() {
+        let ud =
+            "# retry `tailscale up` until it works\n  tailscale up --auth-key=k9 --hostname=h9";
+        let up = parse_tailscale_up(ud).unwrap();
+        assert_eq!(
+            (up.auth_key.as_str(), up.hostname.as_deref()),
+            ("k9", Some("h9"))
+        );
+    }
 
     #[test]
     fn tailscale_up_is_found_in_every_spelling() {

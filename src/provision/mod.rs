@@ -1,0 +1,836 @@
+//! The step machine of one daemon-run job: what the GitHub Actions workflow used to do.
+//!
+//! `key_minted` → `vm_created` → `vm_running` → `network_configured` → done. Every step is
+//! idempotent and ends in a fenced checkpoint (a `job_events` row, `current_step` on the job and
+//! on its agent instance), so a resumed attempt starts from what an earlier one recorded:
+//!
+//! - No server can exist for a job that never minted a key (the key checkpoint precedes every
+//!   create), so only a resumed attempt looks servers up by label before creating; it adopts
+//!   what it finds. A `uniqueness_error` adopts by name; a create whose outcome is unknown looks
+//!   again by label. A create is never retried blindly.
+//! - The key secret exists only in memory and in the server's user_data. A resumed attempt that
+//!   finds no server revokes the old key and mints a new one; one that finds the server keeps it.
+//! - Waiting is done by the shared watchers (`watch.rs`), never by polling per job.
+//! - A terminal failure (fatal error, deadline, retries spent) rolls back: server deleted (retried
+//!   through 429s and 5xx), device deleted, key revoked; the reaper (`reaper.rs`) is the backstop
+//!   for anything a crash leaves behind.
+//!
+//! Must not: hold a database transaction across a cloud call (the queue API has none to hold),
+//! or write anything after its lease is lost.
+
+pub mod cloud_init;
+pub mod reaper;
+pub mod watch;
+
+use crate::clients::hetzner::{
+    CreateServerRequest, ErrorClass, HetznerClient, HetznerError, PublicNetRequest, Server,
+    ServerQuery, ServerStatus,
+};
+use crate::clients::tailscale::{CreateKey, DeviceFilter, TailscaleClient, TailscaleError};
+use crate::config::Regions;
+use crate::db::models::Job;
+use crate::queue::{Fence, QueueError, StepFields, VmMetadata};
+use crate::worker::{JobContext, JobHandler, Outcome};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+use watch::{ActionWatcher, DeviceWatcher, WatchSettings};
+
+/// The `managed-by` label on every server we create; the reaper lists by it.
+pub const MANAGED_BY: &str = "provisiond";
+
+/// Step names, in order. `vm_created` and `network_configured` are the seed's.
+pub const STEPS: [&str; 4] = [
+    "key_minted",
+    "vm_created",
+    "vm_running",
+    "network_configured",
+];
+
+/// The server (and tailnet) name of a job: deterministic, unique, a valid hostname.
+pub fn server_name(job_id: Uuid) -> String {
+    format!("pv-{}", job_id.simple())
+}
+
+/// The label selector of a job's servers.
+pub fn job_selector(job_id: Uuid) -> String {
+    format!("managed-by={MANAGED_BY},job={job_id}")
+}
+
+#[derive(Debug, Clone)]
+pub struct ProvisionSettings {
+    pub server_type: String,
+    pub image: String,
+    pub ssh_keys: Vec<String>,
+    pub regions: Regions,
+    pub tags: Vec<String>,
+    pub key_expiry: Duration,
+    pub deadline: Duration,
+    pub rollback_timeout: Duration,
+}
+
+impl ProvisionSettings {
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        ProvisionSettings {
+            server_type: c.hetzner.server_type.clone(),
+            image: c.hetzner.image.clone(),
+            ssh_keys: c.hetzner.ssh_keys.clone(),
+            regions: c.regions.clone(),
+            tags: c.tailscale.tags.clone(),
+            key_expiry: c.tailscale.key_expiry,
+            deadline: c.provision.deadline,
+            rollback_timeout: c.provision.rollback_timeout,
+        }
+    }
+}
+
+/// Startup check: the configured server type exists and is usable (not deprecated, available)
+/// in at least one location of every region. Returns the regions with the unusable locations
+/// removed (so that jobs do not try them); a region left with none is an error.
+pub async fn usable_regions(
+    hetzner: &HetznerClient,
+    settings: &ProvisionSettings,
+) -> anyhow::Result<Regions> {
+    let types = hetzner.list_server_types().await?;
+    let Some(t) = types.iter().find(|t| t.name == settings.server_type) else {
+        anyhow::bail!(
+            "hetzner.server_type {:?} does not exist in this project (known: {})",
+            settings.server_type,
+            types
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let mut usable = Regions(BTreeMap::new());
+    for (region, locations) in &settings.regions.0 {
+        let (ok, bad): (Vec<String>, Vec<String>) =
+            locations.iter().cloned().partition(|l| t.usable_in(l));
+        if ok.is_empty() {
+            anyhow::bail!(
+                "hetzner.server_type {:?} is deprecated or unavailable in every location of region {region} ({}); pick another type or location",
+                settings.server_type,
+                locations.join(", ")
+            );
+        }
+        if !bad.is_empty() {
+            tracing::warn!(region, locations = %bad.join(", "), server_type = %settings.server_type, "server type unusable there; skipping those locations");
+        }
+        usable.0.insert(region.clone(), ok);
+    }
+    Ok(usable)
+}
+
+/// A test and chaos hook: called with a point's name at every step boundary; `true` makes the
+/// attempt stop dead there, writing nothing more, as if the process had died.
+pub type Failpoint = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+#[derive(Clone)]
+pub struct Provisioner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hetzner: HetznerClient,
+    tailscale: TailscaleClient,
+    settings: ProvisionSettings,
+    actions: ActionWatcher,
+    devices: DeviceWatcher,
+    failpoint: Option<Failpoint>,
+}
+
+/// Why an attempt stopped early.
+#[derive(Debug)]
+enum Stop {
+    /// Try again later from the last checkpoint.
+    Retry {
+        error: String,
+        step: &'static str,
+    },
+    /// Give up: roll back and fail the job.
+    Fatal {
+        error: String,
+        step: &'static str,
+    },
+    LeaseLost,
+    /// The stop token fired (shutdown): hand the lease back.
+    Interrupted,
+    /// A failpoint fired: behave as a dead process would (write nothing more).
+    Crashed,
+}
+
+impl From<QueueError> for Stop {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::LeaseLost(_) => Stop::LeaseLost,
+            other => Stop::Retry {
+                error: format!("database: {other}"),
+                step: "checkpoint",
+            },
+        }
+    }
+}
+
+fn hetzner_stop(step: &'static str, what: &str, e: &HetznerError) -> Stop {
+    let error = format!("{what}: {e}");
+    match e.class() {
+        ErrorClass::Retryable => Stop::Retry { error, step },
+        _ => Stop::Fatal { error, step },
+    }
+}
+
+fn tailscale_stop(step: &'static str, what: &str, e: &TailscaleError) -> Stop {
+    let error = format!("{what}: {e}");
+    if e.is_retryable() {
+        Stop::Retry { error, step }
+    } else {
+        Stop::Fatal { error, step }
+    }
+}
+
+impl Provisioner {
+    pub fn new(
+        hetzner: HetznerClient,
+        tailscale: TailscaleClient,
+        settings: ProvisionSettings,
+        watch: WatchSettings,
+    ) -> Self {
+        Provisioner {
+            inner: Arc::new(Inner {
+                actions: ActionWatcher::start(hetzner.clone(), watch.clone()),
+                devices: DeviceWatcher::start(tailscale.clone(), watch),
+                hetzner,
+                tailscale,
+                settings,
+                failpoint: None,
+            }),
+        }
+    }
+
+    /// Installs a failpoint hook (tests and chaos drills only).
+    pub fn with_failpoint(self, failpoint: Failpoint) -> Self {
+        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|arc| Inner {
+            hetzner: arc.hetzner.clone(),
+            tailscale: arc.tailscale.clone(),
+            settings: arc.settings.clone(),
+            actions: arc.actions.clone(),
+            devices: arc.devices.clone(),
+            failpoint: None,
+        });
+        Provisioner {
+            inner: Arc::new(Inner {
+                failpoint: Some(failpoint),
+                ..inner
+            }),
+        }
+    }
+
+    pub fn hetzner(&self) -> &HetznerClient {
+        &self.inner.hetzner
+    }
+
+    pub fn tailscale(&self) -> &TailscaleClient {
+        &self.inner.tailscale
+    }
+
+    pub fn settings(&self) -> &ProvisionSettings {
+        &self.inner.settings
+    }
+
+    fn failpoint(&self, name: &str) -> Result<(), Stop> {
+        match &self.inner.failpoint {
+            Some(f) if f(name) => Err(Stop::Crashed),
+            _ => Ok(()),
+        }
+    }
+
+    async fn run_attempt(&self, ctx: JobContext) -> Outcome {
+        let started = tokio::time::Instant::now();
+        // The deadline counts from this attempt's claim.
+        let used = (chrono::Utc::now() - ctx.job.claimed_at.unwrap_or_else(chrono::Utc::now))
+            .to_std()
+            .unwrap_or_default();
+        let deadline = started + self.inner.settings.deadline.saturating_sub(used);
+        let mut attempt = Attempt {
+            p: self,
+            ctx: &ctx,
+            job: ctx.job.clone(),
+            deadline,
+        };
+        let result = attempt.run().await;
+        let job = attempt.job;
+        match result {
+            Ok(()) => Outcome::Finished,
+            Err(Stop::Interrupted) | Err(Stop::Crashed) => Outcome::Interrupted,
+            Err(Stop::LeaseLost) => Outcome::LeaseLost,
+            Err(Stop::Retry { error, step }) if job.retry_count < job.max_retries => {
+                tracing::warn!(step, error = %error, "attempt failed; will resume from the last checkpoint");
+                Outcome::Retry {
+                    error,
+                    step: Some(step.to_owned()),
+                }
+            }
+            Err(Stop::Retry { error, step }) | Err(Stop::Fatal { error, step }) => {
+                tracing::error!(step, error = %error, "provisioning failed; rolling back");
+                self.rollback(&job).await;
+                Outcome::Fail {
+                    error,
+                    step: Some(step.to_owned()),
+                }
+            }
+        }
+    }
+
+    /// Deletes what a failed job created: its servers (by id and by label), its device, its key.
+    /// Deletes are retried through 429s and 5xx for `rollback_timeout`; what is left after that
+    /// is the reaper's.
+    pub async fn rollback(&self, job: &Job) {
+        let until = tokio::time::Instant::now() + self.inner.settings.rollback_timeout;
+        let h = &self.inner.hetzner;
+        let t = &self.inner.tailscale;
+        let mut servers: Vec<i64> = job.server_id.into_iter().collect();
+        let q = ServerQuery {
+            label_selector: Some(job_selector(job.id)),
+            name: None,
+        };
+        if let Some(found) = retry_until(until, "list servers", || h.list_servers(&q)).await {
+            servers.extend(found.iter().map(|s| s.id));
+            servers.sort_unstable();
+            servers.dedup();
+        }
+        for id in servers {
+            if retry_until(until, "delete server", || h.delete_server(id))
+                .await
+                .is_some()
+            {
+                tracing::info!(server.id = id, "rollback: server deleted");
+            }
+        }
+        let mut devices: Vec<String> = job.device_id.iter().cloned().collect();
+        let filter = DeviceFilter {
+            hostname: Some(server_name(job.id)),
+            tags: self.inner.settings.tags.clone(),
+        };
+        if let Some(found) = retry_until(until, "list devices", || t.list_devices(&filter)).await {
+            devices.extend(found.into_iter().map(|d| d.node_id));
+            devices.sort_unstable();
+            devices.dedup();
+        }
+        for node in devices {
+            retry_until(until, "delete device", || t.delete_device(&node)).await;
+        }
+        if let Some(key) = &job.tailscale_key_id {
+            retry_until(until, "revoke key", || t.revoke_key(key)).await;
+        }
+    }
+}
+
+/// Retries `f` with backoff until it succeeds or `until` passes. The clients already wait out
+/// 429s (Hetzner until its reset) and retry idempotent calls; this adds patience on top.
+async fn retry_until<T, E: std::fmt::Display, F, Fut>(
+    until: tokio::time::Instant,
+    what: &str,
+    mut f: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut pause = Duration::from_millis(500);
+    loop {
+        match tokio::time::timeout_at(until, f()).await {
+            Ok(Ok(v)) => return Some(v),
+            Ok(Err(e)) => tracing::warn!(error = %e, "rollback: {what} failed; retrying"),
+            Err(_) => {}
+        }
+        if tokio::time::Instant::now() + pause >= until {
+            tracing::error!("rollback: gave up on {what}; the reaper will clean up");
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
+impl JobHandler for Provisioner {
+    fn run(&self, ctx: JobContext) -> BoxFuture<'static, Outcome> {
+        let p = self.clone();
+        async move { p.run_attempt(ctx).await }.boxed()
+    }
+}
+
+/// One attempt at one job; `job` is kept in step with every checkpoint written.
+struct Attempt<'a> {
+    p: &'a Provisioner,
+    ctx: &'a JobContext,
+    job: Job,
+    deadline: tokio::time::Instant,
+}
+
+impl Attempt<'_> {
+    fn fence(&self) -> Fence {
+        Fence::Lease(self.ctx.lease)
+    }
+
+    fn reached(&self, step: &str) -> bool {
+        let pos = |s: &str| STEPS.iter().position(|x| *x == s);
+        match (self.job.current_step.as_deref().and_then(pos), pos(step)) {
+            (Some(at), Some(want)) => at >= want,
+            _ => false,
+        }
+    }
+
+    /// Between steps: stop for shutdown, a lost lease or the deadline before the next call.
+    fn check(&self, step: &'static str) -> Result<(), Stop> {
+        if self.ctx.stop.is_cancelled() {
+            return Err(Stop::Interrupted);
+        }
+        if tokio::time::Instant::now() >= self.deadline {
+            return Err(self.deadline_stop(step));
+        }
+        Ok(())
+    }
+
+    fn deadline_stop(&self, step: &'static str) -> Stop {
+        Stop::Fatal {
+            error: format!(
+                "deadline of {} exceeded",
+                humantime::format_duration(self.p.inner.settings.deadline)
+            ),
+            step,
+        }
+    }
+
+    /// Waits for `fut`, unless the stop token or the deadline comes first. Only for waits with
+    /// no side effects (watchers, sleeps).
+    async fn wait<T>(
+        &self,
+        step: &'static str,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, Stop> {
+        tokio::select! {
+            v = fut => Ok(v),
+            _ = self.ctx.stop.cancelled() => Err(Stop::Interrupted),
+            _ = tokio::time::sleep_until(self.deadline) => Err(self.deadline_stop(step)),
+        }
+    }
+
+    async fn checkpoint(
+        &mut self,
+        step: &'static str,
+        message: String,
+        data: serde_json::Value,
+        fields: StepFields,
+    ) -> Result<(), Stop> {
+        self.job = self
+            .ctx
+            .queue
+            .checkpoint_step(self.job.id, self.fence(), step, &message, data, fields)
+            .await?;
+        tracing::info!(step, "{message}");
+        self.p.failpoint(&format!("after_checkpoint:{step}"))
+    }
+
+    async fn run(&mut self) -> Result<(), Stop> {
+        if self.job.server_id.is_none() {
+            self.server().await?;
+        }
+        if !self.reached("vm_running") {
+            self.vm_running().await?;
+        }
+        if !self.reached("network_configured") {
+            self.network().await?;
+        }
+        self.check("done")?;
+        // The key is used up once the device joined, but only a revoked key is certainly
+        // useless. Revoking is idempotent, so a resumed attempt simply does it again.
+        if let Some(key) = self.job.tailscale_key_id.clone() {
+            self.p
+                .inner
+                .tailscale
+                .revoke_key(&key)
+                .await
+                .map_err(|e| tailscale_stop("network_configured", "revoke the used key", &e))?;
+            self.ctx
+                .queue
+                .record_step(
+                    self.job.id,
+                    self.fence(),
+                    "network_configured",
+                    "auth key revoked",
+                    json!({ "key_id": key }),
+                )
+                .await?;
+        }
+        let meta = VmMetadata {
+            server_id: self
+                .job
+                .server_id
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+            server_ip: self.job.server_ip.clone().unwrap_or_default(),
+            tailscale_ip: self.job.tailscale_ip.clone().unwrap_or_default(),
+        };
+        self.ctx
+            .queue
+            .complete_with_metadata(self.job.id, self.fence(), &meta)
+            .await?;
+        tracing::info!(
+            "provisioned: server {} at {}",
+            meta.server_id,
+            meta.tailscale_ip
+        );
+        Ok(())
+    }
+
+    /// `key_minted` and `vm_created`: adopt the job's server, or mint a key and create it.
+    async fn server(&mut self) -> Result<(), Stop> {
+        let p = self.p;
+        let h = &p.inner.hetzner;
+        let s = &p.inner.settings;
+        let name = server_name(self.job.id);
+        let resumed = self.job.tailscale_key_id.is_some() || self.job.retry_count > 0;
+        if resumed {
+            self.check("vm_created")?;
+            if let Some(found) = self.find_server().await? {
+                return self
+                    .adopt(found, "adopted the server of an earlier attempt")
+                    .await;
+            }
+        }
+
+        self.check("key_minted")?;
+        p.failpoint("before_key")?;
+        let t = &p.inner.tailscale;
+        if let Some(old) = self.job.tailscale_key_id.clone() {
+            // No server was made with it: it must never be usable again.
+            t.revoke_key(&old)
+                .await
+                .map_err(|e| tailscale_stop("key_minted", "revoke the previous key", &e))?;
+            self.delete_stale_devices(&name).await?;
+        }
+        let key = t
+            .create_auth_key(&CreateKey::single_use(
+                format!("provisiond job {}", self.job.id.simple()),
+                s.key_expiry,
+                s.tags.clone(),
+            ))
+            .await
+            .map_err(|e| tailscale_stop("key_minted", "create the auth key", &e))?;
+        self.checkpoint(
+            "key_minted",
+            format!("minted single-use auth key {}", key.id),
+            json!({ "key_id": key.id, "expires": key.expires }),
+            StepFields {
+                tailscale_key_id: Some(Some(key.id.clone())),
+                server_name: Some(name.clone()),
+                ..StepFields::default()
+            },
+        )
+        .await?;
+        let user_data =
+            cloud_init::user_data(&name, key.key.expose(), &s.tags).map_err(|e| Stop::Fatal {
+                error: e.to_string(),
+                step: "vm_created",
+            })?;
+        drop(key);
+
+        let locations = s
+            .regions
+            .0
+            .get(&self.job.region)
+            .cloned()
+            .ok_or_else(|| Stop::Fatal {
+                error: format!("region {:?} is not configured", self.job.region),
+                step: "vm_created",
+            })?;
+        let labels = BTreeMap::from([
+            ("managed-by".to_owned(), MANAGED_BY.to_owned()),
+            ("job".to_owned(), self.job.id.to_string()),
+        ]);
+        let mut no_capacity = Vec::new();
+        for location in &locations {
+            self.check("vm_created")?;
+            p.failpoint("before_create")?;
+            let request = CreateServerRequest {
+                name: name.clone(),
+                server_type: s.server_type.clone(),
+                image: s.image.clone(),
+                location: Some(location.clone()),
+                user_data: Some(user_data.clone()),
+                labels: labels.clone(),
+                ssh_keys: s.ssh_keys.clone(),
+                start_after_create: true,
+                public_net: Some(PublicNetRequest {
+                    enable_ipv4: true,
+                    enable_ipv6: true,
+                }),
+            };
+            match h.create_server(&request).await {
+                Ok(created) => {
+                    p.failpoint("after_create")?;
+                    let mut actions = vec![created.action.id];
+                    actions.extend(created.next_actions.iter().map(|a| a.id));
+                    let server = created.server;
+                    return self
+                        .record_server(
+                            &server,
+                            actions,
+                            format!("created server {} in {location}", server.id),
+                        )
+                        .await;
+                }
+                Err(e) => match e.class() {
+                    ErrorClass::Adopt => {
+                        // Never create again under this name: take over the one that exists.
+                        let q = ServerQuery {
+                            label_selector: None,
+                            name: Some(name.clone()),
+                        };
+                        let found = h.list_servers(&q).await.map_err(|e| {
+                            hetzner_stop("vm_created", "look up the server by name", &e)
+                        })?;
+                        return match found.into_iter().next() {
+                            Some(server) => {
+                                self.adopt(
+                                    server,
+                                    "name already taken: adopted the existing server",
+                                )
+                                .await
+                            }
+                            None => Err(Stop::Retry {
+                                error: format!(
+                                    "create said the name is taken but no server has it: {e}"
+                                ),
+                                step: "vm_created",
+                            }),
+                        };
+                    }
+                    ErrorClass::Relocate => {
+                        tracing::warn!(location, error = %e, "no capacity; trying the next location");
+                        no_capacity.push(location.clone());
+                    }
+                    ErrorClass::Retryable if e.outcome_unknown() => {
+                        // The server may exist: look before anything else.
+                        if let Some(found) = self.find_server().await? {
+                            return self
+                                .adopt(found, "create timed out but the server exists: adopted")
+                                .await;
+                        }
+                        return Err(hetzner_stop("vm_created", "create the server", &e));
+                    }
+                    _ => return Err(hetzner_stop("vm_created", "create the server", &e)),
+                },
+            }
+        }
+        Err(Stop::Retry {
+            error: format!(
+                "no capacity for {} in {}",
+                s.server_type,
+                no_capacity.join(", ")
+            ),
+            step: "vm_created",
+        })
+    }
+
+    async fn find_server(&self) -> Result<Option<Server>, Stop> {
+        let q = ServerQuery {
+            label_selector: Some(job_selector(self.job.id)),
+            name: None,
+        };
+        let mut found = self
+            .p
+            .inner
+            .hetzner
+            .list_servers(&q)
+            .await
+            .map_err(|e| hetzner_stop("vm_created", "look up the job's server", &e))?;
+        found.retain(|s| s.status != ServerStatus::Deleting);
+        found.sort_by_key(|s| (s.created, s.id));
+        Ok(found.into_iter().next())
+    }
+
+    async fn adopt(&mut self, server: Server, why: &str) -> Result<(), Stop> {
+        self.record_server(&server, Vec::new(), format!("{why}: server {}", server.id))
+            .await
+    }
+
+    /// The `vm_created` checkpoint, written the moment the server's id is known.
+    async fn record_server(
+        &mut self,
+        server: &Server,
+        actions: Vec<i64>,
+        message: String,
+    ) -> Result<(), Stop> {
+        let ip = server.ipv4().map(str::to_owned);
+        let location = server.location_name().map(str::to_owned);
+        self.checkpoint(
+            "vm_created",
+            message,
+            json!({ "server_id": server.id, "server_ip": ip, "location": location, "actions": actions }),
+            StepFields {
+                server_name: Some(server_name(self.job.id)),
+                server_id: Some(Some(server.id)),
+                server_ip: Some(ip),
+                location: Some(location),
+                pending_action_ids: Some(actions),
+                ..StepFields::default()
+            },
+        )
+        .await
+    }
+
+    /// Devices left by an earlier server of this job would be mistaken for the new one.
+    async fn delete_stale_devices(&self, name: &str) -> Result<(), Stop> {
+        let t = &self.p.inner.tailscale;
+        let filter = DeviceFilter {
+            hostname: Some(name.to_owned()),
+            tags: Vec::new(),
+        };
+        let stale = t
+            .list_devices(&filter)
+            .await
+            .map_err(|e| tailscale_stop("key_minted", "list stale devices", &e))?;
+        for d in stale {
+            t.delete_device(&d.node_id)
+                .await
+                .map_err(|e| tailscale_stop("key_minted", "delete a stale device", &e))?;
+        }
+        Ok(())
+    }
+
+    /// `vm_running`: the create and start actions finished and the server runs; a server left
+    /// `off` is powered on (twice at most).
+    async fn vm_running(&mut self) -> Result<(), Stop> {
+        let p = self.p;
+        let h = &p.inner.hetzner;
+        let Some(id) = self.job.server_id else {
+            return Err(Stop::Retry {
+                error: "no server recorded".into(),
+                step: "vm_running",
+            });
+        };
+        let mut pending = self.job.pending_action_ids.clone();
+        let mut failed_actions = Vec::new();
+        let mut power_ons = 0;
+        loop {
+            let waits = pending.iter().map(|a| p.inner.actions.wait(*a));
+            let done = self
+                .wait("vm_running", futures::future::join_all(waits))
+                .await?;
+            for a in done {
+                if let Some(err) = a.error {
+                    tracing::warn!(action = a.id, command = %a.command, code = %err.code, "action failed");
+                    failed_actions.push(format!("{} ({})", a.command, err.code));
+                }
+            }
+            self.check("vm_running")?;
+            let server = h
+                .get_server(id)
+                .await
+                .map_err(|e| hetzner_stop("vm_running", "get the server", &e))?;
+            let Some(server) = server else {
+                // Gone (deleted behind our back): forget it, so the next attempt creates anew.
+                self.checkpoint(
+                    "key_minted",
+                    format!("server {id} disappeared"),
+                    json!({ "server_id": id }),
+                    StepFields {
+                        server_id: Some(None),
+                        server_ip: Some(None),
+                        pending_action_ids: Some(Vec::new()),
+                        ..StepFields::default()
+                    },
+                )
+                .await?;
+                return Err(Stop::Retry {
+                    error: format!("server {id} disappeared"),
+                    step: "vm_running",
+                });
+            };
+            match server.status {
+                ServerStatus::Running => {
+                    let ip = server
+                        .ipv4()
+                        .map(str::to_owned)
+                        .or(self.job.server_ip.clone());
+                    return self
+                        .checkpoint(
+                            "vm_running",
+                            format!("server {id} is running"),
+                            json!({ "server_id": id, "failed_actions": failed_actions }),
+                            StepFields {
+                                server_ip: Some(ip),
+                                pending_action_ids: Some(Vec::new()),
+                                ..StepFields::default()
+                            },
+                        )
+                        .await;
+                }
+                ServerStatus::Off if power_ons < 2 => {
+                    power_ons += 1;
+                    tracing::warn!(server.id = id, "server is off; powering it on");
+                    let action = h
+                        .power_on(id)
+                        .await
+                        .map_err(|e| hetzner_stop("vm_running", "power the server on", &e))?;
+                    pending = vec![action.id];
+                }
+                ServerStatus::Off => {
+                    return Err(Stop::Fatal {
+                        error: format!(
+                            "server {id} stays off after {power_ons} power-ons ({})",
+                            failed_actions.join(", ")
+                        ),
+                        step: "vm_running",
+                    });
+                }
+                ServerStatus::Initializing | ServerStatus::Starting => {
+                    pending = Vec::new();
+                    self.wait("vm_running", tokio::time::sleep(Duration::from_secs(1)))
+                        .await?;
+                }
+                other => {
+                    return Err(Stop::Retry {
+                        error: format!("server {id} is {other:?}"),
+                        step: "vm_running",
+                    });
+                }
+            }
+        }
+    }
+
+    /// `network_configured`: the device joined; record it.
+    async fn network(&mut self) -> Result<(), Stop> {
+        let p = self.p;
+        let name = server_name(self.job.id);
+        self.check("network_configured")?;
+        let device = self
+            .wait(
+                "network_configured",
+                p.inner.devices.wait(&name, &p.inner.settings.tags),
+            )
+            .await?;
+        let ip = device.ipv4_100().map(|a| a.to_string());
+        self.checkpoint(
+            "network_configured",
+            format!(
+                "{name} joined the tailnet as {}",
+                ip.as_deref().unwrap_or("?")
+            ),
+            json!({ "device_id": device.node_id, "tailscale_ip": ip }),
+            StepFields {
+                device_id: Some(Some(device.node_id.clone())),
+                tailscale_ip: Some(ip),
+                ..StepFields::default()
+            },
+        )
+        .await?;
+        Ok(())
+    }
+}

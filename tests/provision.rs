@@ -1,0 +1,752 @@
+//! The step machine against real PostgreSQL and the simulator over HTTP.
+
+mod support;
+
+use provisiond::clients::hetzner::HetznerClient;
+use provisiond::clients::tailscale::TailscaleClient;
+use provisiond::config::Regions;
+use provisiond::db::models::Job;
+use provisiond::domain::{Executor, JobStatus};
+use provisiond::provision::watch::WatchSettings;
+use provisiond::provision::{ProvisionSettings, Provisioner, server_name};
+use provisiond::queue::{NewJob, Queue, QueueSettings};
+use provisiond::sim::{SimConfig, SimHandle, Simulator};
+use provisiond::worker::{JobContext, JobHandler, Worker, WorkerSettings};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::TestDb;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+struct Env {
+    db: TestDb,
+    sim: SimHandle,
+    queue: Queue,
+}
+
+async fn env(sim: SimConfig) -> Env {
+    let db = TestDb::new().await;
+    let queue = Queue::new(
+        db.pool().await,
+        QueueSettings {
+            lease_ttl: Duration::from_secs(30),
+            // Retries come back quickly in tests.
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_millis(400),
+            ..QueueSettings::default()
+        },
+    );
+    let sim = Simulator::start(sim).await.expect("simulator");
+    Env { db, sim, queue }
+}
+
+fn provisioner(sim: &SimHandle, deadline: Duration) -> Provisioner {
+    let mut h = sim.hetzner_config();
+    h.retry_base = Duration::from_millis(20);
+    Provisioner::new(
+        HetznerClient::new(h),
+        TailscaleClient::new(sim.tailscale_config()),
+        ProvisionSettings {
+            server_type: "cpx22".into(),
+            image: "ubuntu-24.04".into(),
+            ssh_keys: vec![],
+            regions: Regions::default(),
+            tags: vec!["tag:customer-vm".into()],
+            key_expiry: Duration::from_secs(3600),
+            deadline,
+            rollback_timeout: Duration::from_secs(10),
+        },
+        WatchSettings {
+            min_interval: Duration::from_millis(20),
+            max_interval: Duration::from_millis(300),
+            device_max_interval: Duration::from_millis(100),
+        },
+    )
+}
+
+fn job(region: &str) -> NewJob {
+    NewJob {
+        agent_id: Uuid::new_v4(),
+        user_id: Uuid::new_v4(),
+        region: region.into(),
+        stripe_event_id: None,
+        business_key: None,
+        executor: Executor::Daemon,
+        max_retries: None,
+    }
+}
+
+fn worker(
+    env: &Env,
+    p: Provisioner,
+    owner: &str,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<provisiond::worker::WorkerReport>,
+) {
+    let stop = CancellationToken::new();
+    let w = Worker::new(
+        env.queue.clone(),
+        Arc::new(p),
+        WorkerSettings {
+            owner: owner.into(),
+            concurrency: 64,
+            claim_batch: 16,
+            poll_interval: Duration::from_millis(200),
+            heartbeat_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
+        },
+        env.db.url.clone(),
+    );
+    (stop.clone(), tokio::spawn(w.run(stop)))
+}
+
+/// Waits until every job is terminal; returns them.
+async fn settle(q: &Queue, ids: &[Uuid], within: Duration) -> Vec<Job> {
+    let t0 = Instant::now();
+    loop {
+        let mut jobs = Vec::new();
+        for id in ids {
+            jobs.push(q.get(*id).await.unwrap().unwrap());
+        }
+        if jobs.iter().all(|j| j.status().is_terminal()) {
+            return jobs;
+        }
+        if t0.elapsed() > within {
+            let stuck: Vec<_> = jobs
+                .iter()
+                .filter(|j| !j.status().is_terminal())
+                .map(|j| {
+                    (
+                        j.id,
+                        j.status(),
+                        j.current_step.clone(),
+                        j.last_error.clone(),
+                    )
+                })
+                .collect();
+            panic!("jobs not terminal after {within:?}: {stuck:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn servers_of(sim: &SimHandle, job: Uuid) -> Vec<i64> {
+    sim.state()
+        .servers
+        .iter()
+        .filter(|s| s.labels.get("job") == Some(&job.to_string()))
+        .map(|s| s.id)
+        .collect()
+}
+
+fn devices_of(sim: &SimHandle, job: Uuid) -> usize {
+    let name = server_name(job);
+    sim.state()
+        .devices
+        .iter()
+        .filter(|d| d.hostname == name)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_provisions_one_server_and_one_device_and_records_everything() {
+    let env = env(SimConfig::default()).await;
+    let (stop, task) = worker(&env, provisioner(&env.sim, Duration::from_secs(30)), "w");
+    let new = job("eu-central");
+    let id = env.queue.enqueue(&new).await.unwrap().job().id;
+    let j = settle(&env.queue, &[id], Duration::from_secs(30))
+        .await
+        .remove(0);
+    stop.cancel();
+    task.await.unwrap();
+    if j.status() != JobStatus::Running {
+        for e in env.queue.events(id).await.unwrap() {
+            eprintln!("{} {:?} {} {}", e.at, e.step, e.message, e.data);
+        }
+    }
+    assert_eq!(j.status(), JobStatus::Running, "{:?}", j.last_error);
+    assert!(j.completed_at.is_some() && j.current_step.is_none());
+    let server = j.server_id.unwrap();
+    assert_eq!(servers_of(&env.sim, id), vec![server]);
+    assert_eq!(devices_of(&env.sim, id), 1);
+    let state = env.sim.state();
+    let s = state.servers.iter().find(|s| s.id == server).unwrap();
+    assert_eq!(s.name, server_name(id));
+    assert_eq!(
+        s.labels.get("managed-by").map(String::as_str),
+        Some("provisiond")
+    );
+    assert_eq!(s.location, "fsn1");
+    let keys: Vec<_> = state
+        .keys
+        .iter()
+        .filter(|k| Some(&k.id) == j.tailscale_key_id.as_ref())
+        .collect();
+    assert_eq!(keys.len(), 1);
+    assert!(
+        keys[0].uses == 1 && keys[0].revoked.is_some(),
+        "key consumed and revoked: {:?}",
+        keys[0]
+    );
+    assert!(!keys[0].reusable && keys[0].ephemeral && keys[0].preauthorized);
+
+    let db = &env.db;
+    assert_eq!(db.count(&format!(
+        "SELECT count(*) FROM agent_instances WHERE job_id = '{id}' AND status = 'running' AND server_id = '{server}' \
+         AND server_ip = '{}' AND tailscale_ip LIKE '100.%' AND region = 'eu-central' AND started_at IS NOT NULL AND current_step IS NULL",
+        j.server_ip.clone().unwrap()
+    )).await, 1);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM agents WHERE id = '{}' AND status = 'active'",
+            new.agent_id
+        ))
+        .await,
+        1
+    );
+    for step in [
+        "key_minted",
+        "vm_created",
+        "vm_running",
+        "network_configured",
+    ] {
+        assert!(
+            db.count(&format!(
+                "SELECT count(*) FROM job_events WHERE job_id = '{id}' AND step = '{step}'"
+            ))
+            .await
+                >= 1,
+            "event for {step}"
+        );
+    }
+    // Hetzner requests for one VM: create, one or two action polls, one server read.
+    let hetzner: u64 = state
+        .requests
+        .iter()
+        .filter(|(r, _)| r.contains(" /v1/"))
+        .map(|(_, m)| m.values().sum::<u64>())
+        .sum();
+    assert!(
+        hetzner <= 5,
+        "{hetzner} Hetzner requests: {:?}",
+        state.requests
+    );
+}
+
+/// Runs one attempt of the next job with a provisioner that "dies" at `point`, then makes the
+/// job claimable again as the sweep would after the dead process's lease expired.
+async fn crash_at(env: &Env, point: &'static str) {
+    let p = provisioner(&env.sim, Duration::from_secs(30))
+        .with_failpoint(Arc::new(move |at| at == point));
+    let job = env.queue.claim("doomed", 1).await.unwrap().remove(0);
+    let ctx = JobContext {
+        lease: job.lease().unwrap(),
+        job,
+        queue: env.queue.clone(),
+        stop: CancellationToken::new(),
+    };
+    p.run(ctx).await;
+    env.db
+        .exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
+        .await;
+    assert_eq!(
+        env.queue.sweep().await.unwrap().retried.len(),
+        1,
+        "crashed at {point}: job retried"
+    );
+    env.db
+        .exec("UPDATE provisioning_jobs SET run_after = now()")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_every_step_boundary_resumes_to_exactly_one_server() {
+    let points = [
+        "before_key",
+        "after_checkpoint:key_minted",
+        "before_create",
+        "after_create",
+        "after_checkpoint:vm_created",
+        "after_checkpoint:vm_running",
+        "after_checkpoint:network_configured",
+    ];
+    for point in points {
+        let env = env(SimConfig::default()).await;
+        let id = env.queue.enqueue(&job("us-east")).await.unwrap().job().id;
+        crash_at(&env, point).await;
+        let (stop, task) = worker(
+            &env,
+            provisioner(&env.sim, Duration::from_secs(30)),
+            "survivor",
+        );
+        let j = settle(&env.queue, &[id], Duration::from_secs(30))
+            .await
+            .remove(0);
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(
+            j.status(),
+            JobStatus::Running,
+            "{point}: {:?}",
+            j.last_error
+        );
+        assert_eq!(
+            servers_of(&env.sim, id),
+            vec![j.server_id.unwrap()],
+            "{point}: exactly one server"
+        );
+        assert_eq!(env.sim.state().servers.len(), 1, "{point}: no orphan");
+        assert_eq!(devices_of(&env.sim, id), 1, "{point}: one device");
+        // Every key minted for the job is revoked (the unused one of a crashed attempt too).
+        let state = env.sim.state();
+        assert!(
+            state.keys.iter().all(|k| k.revoked.is_some()),
+            "{point}: {:?}",
+            state.keys
+        );
+        assert_eq!(j.retry_count, 1, "{point}");
+    }
+}
+
+async fn run_jobs(env: &Env, p: Provisioner, jobs: &[NewJob], within: Duration) -> Vec<Job> {
+    let (stop, task) = worker(env, p, "w");
+    let mut ids = Vec::new();
+    for j in jobs {
+        ids.push(env.queue.enqueue(j).await.unwrap().job().id);
+    }
+    let done = settle(&env.queue, &ids, within).await;
+    stop.cancel();
+    task.await.unwrap();
+    done
+}
+
+fn fault(route: &str, kind: &str, times: u32) -> provisiond::sim::FaultRule {
+    serde_json::from_value(serde_json::json!({ "route": route, "fault": kind, "times": times }))
+        .unwrap()
+}
+
+/// A failed job left nothing behind: no server, no device, every key revoked, instance failed.
+async fn assert_rolled_back(env: &Env, j: &Job) {
+    assert_eq!(j.status(), JobStatus::Failed);
+    assert!(j.error.is_some() && j.failed_step.is_some(), "{j:?}");
+    let state = env.sim.state();
+    let live: Vec<_> = state
+        .servers
+        .iter()
+        .filter(|s| {
+            s.labels.get("job") == Some(&j.id.to_string())
+                && s.status != provisiond::sim::ServerStatus::Deleting
+        })
+        .collect();
+    if !live.is_empty() {
+        for e in env.queue.events(j.id).await.unwrap() {
+            eprintln!("{} {:?} {} {}", e.at, e.step, e.message, e.data);
+        }
+    }
+    assert!(
+        live.is_empty(),
+        "servers left: {live:?}; job error {:?} at {:?}",
+        j.error,
+        j.failed_step
+    );
+    assert_eq!(devices_of(&env.sim, j.id), 0);
+    let desc = format!("provisiond job {}", j.id.simple());
+    assert!(
+        state
+            .keys
+            .iter()
+            .filter(|k| k.description == desc)
+            .all(|k| k.revoked.is_some())
+    );
+    assert_eq!(
+        env.db
+            .count(&format!(
+                "SELECT count(*) FROM agent_instances WHERE job_id = '{}' AND status <> 'failed'",
+                j.id
+            ))
+            .await,
+        0
+    );
+}
+
+/// A server for `job` made behind this daemon's back (by another daemon, or by hand), with a
+/// valid key in its user_data so that it joins the tailnet.
+async fn create_server_for(p: &Provisioner, job: Uuid) -> i64 {
+    let tags = vec!["tag:customer-vm".to_owned()];
+    let key = p
+        .tailscale()
+        .create_auth_key(&provisiond::clients::tailscale::CreateKey::single_use(
+            "elsewhere",
+            Duration::from_secs(600),
+            tags.clone(),
+        ))
+        .await
+        .unwrap();
+    let ud =
+        provisiond::provision::cloud_init::user_data(&server_name(job), key.key.expose(), &tags)
+            .unwrap();
+    p.hetzner()
+        .create_server(&provisiond::clients::hetzner::CreateServerRequest {
+            name: server_name(job),
+            server_type: "cpx22".into(),
+            image: "ubuntu-24.04".into(),
+            location: Some("fsn1".into()),
+            user_data: Some(ud),
+            labels: [
+                ("managed-by".to_owned(), "provisiond".to_owned()),
+                ("job".to_owned(), job.to_string()),
+            ]
+            .into(),
+            ssh_keys: vec![],
+            start_after_create: true,
+            public_net: None,
+        })
+        .await
+        .unwrap()
+        .server
+        .id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uniqueness_error_on_create_adopts_the_existing_server() {
+    let env = env(SimConfig::default()).await;
+    let new = job("eu-central");
+    let id = env.queue.enqueue(&new).await.unwrap().job().id;
+    // Another process created this job's server already (say, a daemon whose lease ran out).
+    let p = provisioner(&env.sim, Duration::from_secs(30));
+    let existing = create_server_for(&p, id).await;
+    let (stop, task) = worker(&env, p, "w");
+    let j = settle(&env.queue, &[id], Duration::from_secs(30))
+        .await
+        .remove(0);
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(j.status(), JobStatus::Running, "{:?}", j.last_error);
+    assert_eq!(j.server_id, Some(existing), "adopted, not duplicated");
+    assert_eq!(servers_of(&env.sim, id), vec![existing]);
+    assert_eq!(
+        env.sim.state().count_status("POST /v1/servers", 409),
+        1,
+        "one create, refused, never repeated"
+    );
+    assert!(env.db.count(&format!("SELECT count(*) FROM job_events WHERE job_id = '{id}' AND message LIKE 'name already taken%'")).await == 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_capacity_in_the_first_location_falls_back_to_the_next() {
+    let mut sim = SimConfig::default();
+    sim.faults.unavailable_locations = vec!["fsn1".into()];
+    let env = env(sim).await;
+    let j = run_jobs(
+        &env,
+        provisioner(&env.sim, Duration::from_secs(30)),
+        &[job("eu-central")],
+        Duration::from_secs(30),
+    )
+    .await
+    .remove(0);
+    assert_eq!(j.status(), JobStatus::Running, "{:?}", j.last_error);
+    assert_eq!(j.location.as_deref(), Some("nbg1"));
+    assert_eq!(env.sim.state().servers.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_left_off_is_powered_on() {
+    let mut sim = SimConfig::default();
+    sim.latency.boot = Duration::from_millis(400);
+    sim.faults.leave_off = true;
+    let env = env(sim).await;
+    let (stop, task) = worker(&env, provisioner(&env.sim, Duration::from_secs(30)), "w");
+    let id = env
+        .queue
+        .enqueue(&job("eu-central"))
+        .await
+        .unwrap()
+        .job()
+        .id;
+    // Once the daemon has noticed and powered the server on, the fault is gone.
+    let t0 = Instant::now();
+    while env
+        .sim
+        .state()
+        .count("POST /v1/servers/{id}/actions/poweron")
+        == 0
+    {
+        assert!(t0.elapsed() < Duration::from_secs(20), "never powered on");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.sim.set_faults(Default::default());
+    let j = settle(&env.queue, &[id], Duration::from_secs(30))
+        .await
+        .remove(0);
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(j.status(), JobStatus::Running, "{:?}", j.last_error);
+    assert_eq!(env.sim.state().servers.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_actions_fail_the_job_and_roll_back() {
+    let mut sim = SimConfig::default();
+    sim.faults.fail_actions = true;
+    let env = env(sim).await;
+    let j = run_jobs(
+        &env,
+        provisioner(&env.sim, Duration::from_secs(30)),
+        &[job("us-east")],
+        Duration::from_secs(40),
+    )
+    .await
+    .remove(0);
+    assert_rolled_back(&env, &j).await;
+    assert!(
+        j.error.as_deref().unwrap().contains("stays off"),
+        "{:?}",
+        j.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_never_joins_fails_at_the_deadline_and_rolls_back() {
+    let mut sim = SimConfig::default();
+    sim.faults.no_enrollment = true;
+    let env = env(sim).await;
+    let j = run_jobs(
+        &env,
+        provisioner(&env.sim, Duration::from_secs(2)),
+        &[job("eu-central")],
+        Duration::from_secs(30),
+    )
+    .await
+    .remove(0);
+    assert_rolled_back(&env, &j).await;
+    assert!(
+        j.error.as_deref().unwrap().contains("deadline"),
+        "{:?}",
+        j.error
+    );
+    assert_eq!(j.failed_step.as_deref(), Some("network_configured"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_faults_and_rate_limits_leave_no_job_stuck_and_no_request_inside_a_429() {
+    // After a 429 the budget refills at limit/3600 per second, as Hetzner's does; a large
+    // project limit keeps that recovery quick enough for a test.
+    let mut sim = SimConfig {
+        rate_limit_per_hour: 360_000,
+        rate_limit_burst: 360_000,
+        hang: Duration::from_millis(1500),
+        ..SimConfig::default()
+    };
+    sim.faults.rules = vec![
+        // Hetzner 429s first (a `*` rule would also hit Tailscale routes).
+        fault("POST /v1/servers", "429", 1),
+        fault("GET /v1/actions", "429", 1),
+        fault("POST /v1/servers", "502", 2),
+        fault("POST /v1/servers", "timeout", 1),
+        fault("GET /v1/actions", "503", 2),
+        fault("GET /v1/servers/{id}", "500", 2),
+        fault("*", "429", 1),
+        fault("POST /api/v2/tailnet/{tailnet}/keys", "500", 1),
+    ];
+    let env = env(sim).await;
+    let mut h = env.sim.hetzner_config();
+    h.retry_base = Duration::from_millis(20);
+    h.request_timeout = Duration::from_millis(700);
+    let p = Provisioner::new(
+        HetznerClient::new(h),
+        TailscaleClient::new(env.sim.tailscale_config()),
+        provisioner(&env.sim, Duration::from_secs(30))
+            .settings()
+            .clone(),
+        WatchSettings {
+            min_interval: Duration::from_millis(20),
+            max_interval: Duration::from_millis(300),
+            device_max_interval: Duration::from_millis(100),
+        },
+    );
+    let jobs: Vec<NewJob> = (0..6)
+        .map(|i| job(["eu-central", "us-east", "us-west"][i % 3]))
+        .collect();
+    let done = run_jobs(&env, p, &jobs, Duration::from_secs(90)).await;
+    if std::env::var_os("SHOW_TIMELINE").is_some() {
+        for j in &done {
+            for e in env.queue.events(j.id).await.unwrap() {
+                eprintln!(
+                    "{} {} {:?} {} {}",
+                    &j.id.to_string()[..8],
+                    e.at.format("%H:%M:%S%.3f"),
+                    e.step,
+                    e.message,
+                    e.data
+                );
+            }
+        }
+    }
+    for j in &done {
+        match j.status() {
+            JobStatus::Running => assert_eq!(
+                servers_of(&env.sim, j.id),
+                vec![j.server_id.unwrap()],
+                "one server for {}",
+                j.id
+            ),
+            _ => assert_rolled_back(&env, j).await,
+        }
+    }
+    assert!(
+        done.iter()
+            .filter(|j| j.status() == JobStatus::Running)
+            .count()
+            >= 5,
+        "transient faults should not fail jobs: {done:?}"
+    );
+    // After a 429, nothing went to Hetzner from our client before the reset it announced.
+    let state = env.sim.state();
+    assert!(!state.rate_limited.is_empty(), "the 429 faults fired");
+    for r in &state.rate_limited {
+        let reset_us = r.reset as i64 * 1_000_000;
+        let inside: Vec<_> = state
+            .log
+            .iter()
+            .filter(|q| {
+                q.client == r.client
+                    && q.at_us > r.at_us
+                    && q.at_us < reset_us
+                    && q.route.contains(" /v1/")
+            })
+            .collect();
+        assert!(
+            inside.is_empty(),
+            "requests between a 429 at {} and its reset {}: {inside:?}",
+            r.at_us,
+            r.reset
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_deletes_unowned_resources_and_leaves_live_ones_alone() {
+    use provisiond::provision::reaper::reap;
+    let env = env(SimConfig::default()).await;
+    let p = provisioner(&env.sim, Duration::from_secs(30));
+    // A live job's server and device.
+    let live = run_jobs(
+        &env,
+        p.clone(),
+        &[job("eu-central")],
+        Duration::from_secs(30),
+    )
+    .await
+    .remove(0);
+    assert_eq!(live.status(), JobStatus::Running);
+    // An orphan: a labelled server, with a device, for a job this database never had.
+    let ghost = Uuid::new_v4();
+    let orphan = create_server_for(&p, ghost).await;
+    // Let it boot and join.
+    let t0 = Instant::now();
+    while devices_of(&env.sim, ghost) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        let _ = p.hetzner().get_server(orphan).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tags = vec!["tag:customer-vm".to_owned()];
+    // Within the grace period nothing is touched.
+    let young = reap(
+        &env.queue,
+        p.hetzner(),
+        p.tailscale(),
+        &tags,
+        Duration::from_secs(3600),
+    )
+    .await;
+    assert!(young.servers_deleted.is_empty() && young.devices_deleted.is_empty());
+    assert_eq!(young.too_young, 2);
+    // Past it, the orphans go and the live job's resources stay.
+    let report = reap(
+        &env.queue,
+        p.hetzner(),
+        p.tailscale(),
+        &tags,
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(report.servers_deleted, vec![orphan], "{report:?}");
+    assert_eq!(report.devices_deleted.len(), 1, "{report:?}");
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(devices_of(&env.sim, ghost), 0);
+    assert_eq!(devices_of(&env.sim, live.id), 1);
+    let _ = p.hetzner().get_server(live.server_id.unwrap()).await;
+    assert_eq!(servers_of(&env.sim, live.id), vec![live.server_id.unwrap()]);
+    assert!(
+        env.sim
+            .state()
+            .servers
+            .iter()
+            .all(|s| s.id != orphan || s.status == provisiond::sim::ServerStatus::Deleting)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_on_one_database_provision_100_jobs_without_duplicates() {
+    let env = env(SimConfig::default()).await;
+    // Two daemons: their own pools, clients (so their own rate budgets) and watchers.
+    let second_queue = Queue::new(env.db.pool().await, env.queue.settings().clone());
+    let (stop_a, a) = worker(
+        &env,
+        provisioner(&env.sim, Duration::from_secs(60)),
+        "daemon-a",
+    );
+    let stop_b = CancellationToken::new();
+    let b = tokio::spawn(
+        Worker::new(
+            second_queue,
+            Arc::new(provisioner(&env.sim, Duration::from_secs(60))),
+            WorkerSettings {
+                owner: "daemon-b".into(),
+                concurrency: 64,
+                claim_batch: 16,
+                poll_interval: Duration::from_millis(200),
+                heartbeat_interval: Duration::from_secs(5),
+                shutdown_grace: Duration::from_secs(5),
+            },
+            env.db.url.clone(),
+        )
+        .run(stop_b.clone()),
+    );
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        ids.push(
+            env.queue
+                .enqueue(&job(
+                    ["eu-central", "us-east", "us-west", "ap-southeast"][i % 4]
+                ))
+                .await
+                .unwrap()
+                .job()
+                .id,
+        );
+    }
+    let done = settle(&env.queue, &ids, Duration::from_secs(120)).await;
+    stop_a.cancel();
+    stop_b.cancel();
+    let (ra, rb) = (a.await.unwrap(), b.await.unwrap());
+    assert!(
+        done.iter().all(|j| j.status() == JobStatus::Running),
+        "{:?}",
+        done.iter().find(|j| j.status() != JobStatus::Running)
+    );
+    assert!(
+        ra.claimed > 0 && rb.claimed > 0,
+        "both daemons worked: {ra:?} {rb:?}"
+    );
+    let state = env.sim.state();
+    assert_eq!(state.servers.len(), 100, "one server per job, none twice");
+    assert_eq!(state.devices.len(), 100);
+    assert_eq!(
+        state.count("POST /v1/servers"),
+        100,
+        "each job created exactly once"
+    );
+}
