@@ -220,6 +220,17 @@ async fn happy_path_provisions_one_server_and_one_device_and_records_everything(
             "event for {step}"
         );
     }
+    // The run shows in the Prometheus text, labelled by templates, never by ids.
+    let metrics = provisiond::metrics::encode_text();
+    for want in [
+        r#"provisiond_step_duration_seconds_count{step="network_configured",outcome="ok"}"#,
+        r#"endpoint="/servers",code="201""#,
+        r#"endpoint="/servers/{id}",code="200""#,
+        r#"endpoint="/tailnet/{tailnet}/keys",code="200""#,
+    ] {
+        assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
+    }
+    assert!(!metrics.contains(&server.to_string()), "a server id reached a label");
     // Hetzner requests for one VM: create, one or two action polls, one server read.
     let hetzner: u64 = state
         .requests

@@ -799,16 +799,19 @@ impl HetznerClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(b.clone());
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| transport_error(e, idempotent))?;
+        let endpoint = super::endpoint_label(path);
+        let resp = req.send().await.map_err(|e| {
+            crate::metrics::api_call("hetzner", &endpoint, super::transport_code(&e));
+            transport_error(e, idempotent)
+        })?;
         let status = resp.status();
+        crate::metrics::api_call("hetzner", &endpoint, status.as_str());
         let headers = resp.headers().clone();
         self.budget.observe(
             header_u64(&headers, "ratelimit-limit"),
             header_u64(&headers, "ratelimit-remaining"),
         );
+        crate::metrics::rate_limit_remaining("hetzner", self.budget.remaining());
         if status == StatusCode::TOO_MANY_REQUESTS {
             self.budget
                 .rate_limited(header_u64(&headers, "ratelimit-reset"));

@@ -445,11 +445,13 @@ impl TailscaleClient {
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(b.clone());
             }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| transport_error(e, !idempotent))?;
+            let endpoint = super::endpoint_label(path);
+            let resp = req.send().await.map_err(|e| {
+                crate::metrics::api_call("tailscale", &endpoint, super::transport_code(&e));
+                transport_error(e, !idempotent)
+            })?;
             let status = resp.status();
+            crate::metrics::api_call("tailscale", &endpoint, status.as_str());
             let retry_after = resp
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)

@@ -261,8 +261,12 @@ impl Provisioner {
             ctx: &ctx,
             job: ctx.job.clone(),
             deadline,
+            step_started: started,
         };
         let result = attempt.run().await;
+        if let Err(Stop::Retry { step, .. } | Stop::Fatal { step, .. }) = &result {
+            crate::metrics::step_finished(step, attempt.step_started.elapsed(), false);
+        }
         let job = attempt.job;
         match result {
             Ok(()) => Outcome::Finished,
@@ -290,6 +294,17 @@ impl Provisioner {
     /// Deletes are retried through 429s and 5xx for `rollback_timeout`; what is left after that
     /// is the reaper's.
     pub async fn rollback(&self, job: &Job) {
+        let complete = self.rollback_all(job).await;
+        crate::metrics::rollback(if complete {
+            "complete"
+        } else {
+            "left_to_reaper"
+        });
+    }
+
+    /// Returns whether everything was deleted.
+    async fn rollback_all(&self, job: &Job) -> bool {
+        let mut complete = true;
         let until = tokio::time::Instant::now() + self.inner.settings.rollback_timeout;
         let h = &self.inner.hetzner;
         let t = &self.inner.tailscale;
@@ -316,17 +331,25 @@ impl Provisioner {
             hostname: Some(server_name(job.id)),
             tags: self.inner.settings.tags.clone(),
         };
-        if let Some(found) = retry_until(until, "list devices", || t.list_devices(&filter)).await {
-            devices.extend(found.into_iter().map(|d| d.node_id));
-            devices.sort_unstable();
-            devices.dedup();
+        match retry_until(until, "list devices", || t.list_devices(&filter)).await {
+            Some(found) => {
+                devices.extend(found.into_iter().map(|d| d.node_id));
+                devices.sort_unstable();
+                devices.dedup();
+            }
+            None => complete = false,
         }
         for node in devices {
-            retry_until(until, "delete device", || t.delete_device(&node)).await;
+            complete &= retry_until(until, "delete device", || t.delete_device(&node))
+                .await
+                .is_some();
         }
         if let Some(key) = &job.tailscale_key_id {
-            retry_until(until, "revoke key", || t.revoke_key(key)).await;
+            complete &= retry_until(until, "revoke key", || t.revoke_key(key))
+                .await
+                .is_some();
         }
+        complete
     }
 }
 
@@ -370,6 +393,8 @@ struct Attempt<'a> {
     ctx: &'a JobContext,
     job: Job,
     deadline: tokio::time::Instant,
+    /// When the step now under way began (for its duration metric).
+    step_started: tokio::time::Instant,
 }
 
 impl Attempt<'_> {
@@ -432,6 +457,8 @@ impl Attempt<'_> {
             .queue
             .checkpoint_step(self.job.id, self.fence(), step, &message, data, fields)
             .await?;
+        crate::metrics::step_finished(step, self.step_started.elapsed(), true);
+        self.step_started = tokio::time::Instant::now();
         tracing::info!(step, "{message}");
         self.p.failpoint(&format!("after_checkpoint:{step}"))
     }

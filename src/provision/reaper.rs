@@ -122,6 +122,7 @@ pub async fn reap(
         match hetzner.delete_server(s.id).await {
             Ok(_) => {
                 tracing::warn!(server.id = s.id, server.name = %s.name, "reaped an unowned server");
+                crate::metrics::orphan_reaped("server");
                 report.servers_deleted.push(s.id);
             }
             Err(e) => report.errors.push(format!("delete server {}: {e}", s.id)),
@@ -142,6 +143,7 @@ pub async fn reap(
         match tailscale.delete_device(&d.node_id).await {
             Ok(()) => {
                 tracing::warn!(device = %d.node_id, hostname = %d.hostname, "reaped an unowned device");
+                crate::metrics::orphan_reaped("device");
                 report.devices_deleted.push(d.node_id.clone());
             }
             Err(e) => report

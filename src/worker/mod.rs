@@ -308,6 +308,11 @@ fn spawn_job(
         tracing::error!(job.id = %job.id, "claimed job has no lease token");
         return;
     };
+    // From when the job became claimable (enqueued, or its backoff ended) to its claim.
+    if let Some(claimed) = job.claimed_at {
+        let ready = job.created_at.max(job.run_after);
+        crate::metrics::job_claimed((claimed - ready).to_std().unwrap_or_default());
+    }
     let stop = CancellationToken::new();
     let ttl = queue.settings().lease_ttl;
     lock(held).insert(
@@ -465,6 +470,7 @@ async fn heartbeat(queue: Queue, held: HeldMap, every: Duration, stop: Cancellat
                             h.expires = sent + ttl;
                         }
                     } else if let Some(h) = map.remove(&lease.job_id) {
+                        crate::metrics::lease_lost();
                         tracing::warn!(job.id = %lease.job_id, "lease lost: stopping the job");
                         h.stop.cancel();
                     }
@@ -477,6 +483,7 @@ async fn heartbeat(queue: Queue, held: HeldMap, every: Duration, stop: Cancellat
         lock(&held).retain(|id, h| {
             let alive = h.expires > now;
             if !alive {
+                crate::metrics::lease_lost();
                 tracing::warn!(job.id = %id, "lease ran out without a heartbeat: stopping the job");
                 h.stop.cancel();
             }
