@@ -230,7 +230,10 @@ async fn happy_path_provisions_one_server_and_one_device_and_records_everything(
     ] {
         assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
     }
-    assert!(!metrics.contains(&server.to_string()), "a server id reached a label");
+    assert!(
+        !metrics.contains(&server.to_string()),
+        "a server id reached a label"
+    );
     // Hetzner requests for one VM: create, one or two action polls, one server read.
     let hetzner: u64 = state
         .requests
