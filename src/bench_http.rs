@@ -41,10 +41,7 @@ pub struct HttpBenchArgs {
 }
 
 pub async fn http(server: &Secret, args: HttpBenchArgs) -> anyhow::Result<String> {
-    let scratch = Scratch::create(server).await?;
-    let result = http_in(&scratch.url, &args).await;
-    scratch.drop_now().await;
-    result
+    Scratch::with(server, |url| async move { http_in(&url, &args).await }).await
 }
 
 fn hmac_hex(key: &str, parts: &[&[u8]]) -> String {

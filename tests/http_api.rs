@@ -56,23 +56,11 @@ async fn create_job_201_then_200_and_validation() {
     let s = Server::start().await;
     let (agent, user) = (Uuid::new_v4(), Uuid::new_v4());
     let body = serde_json::json!({"agent_id": agent, "user_id": user, "business_key": "cs_admin_1", "region": "us-west"});
-    let r = s
-        .admin(Method::POST, "/api/jobs")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let (code, first) = status_json(r).await;
+    let (code, first) = s.post_json("/api/jobs", &body).await;
     assert_eq!(code, 201, "{first}");
     assert_eq!(first["region"], "us-west");
     assert!(first.get("lease_token").is_none());
-    let r = s
-        .admin(Method::POST, "/api/jobs")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let (code, again) = status_json(r).await;
+    let (code, again) = s.post_json("/api/jobs", &body).await;
     assert_eq!((code, &again["id"]), (200, &first["id"]));
     let before = s.checksum().await;
     for bad in [
@@ -83,13 +71,7 @@ async fn create_job_201_then_200_and_validation() {
         serde_json::json!({"agent_id": agent, "user_id": user, "max_retries": -1}),
         serde_json::json!({"agent_id": agent, "user_id": user, "surprise": 1}),
     ] {
-        let r = s
-            .admin(Method::POST, "/api/jobs")
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
-        let (code, reply) = status_json(r).await;
+        let (code, reply) = s.post_json("/api/jobs", &bad).await;
         assert_eq!(code, 400, "{bad}: {reply}");
     }
     // The agent belongs to another user.
@@ -251,14 +233,14 @@ async fn sweep_reports_what_it_did() {
 async fn agent_instance_runs_the_timeout_check_and_derives_steps() {
     let s = Server::start().await;
     let agent = Uuid::new_v4();
-    let (code, _) = call(&s, Method::GET, &format!("/api/agents/{agent}/instance")).await;
+    let (code, _) = s.instance(agent).await;
     assert_eq!(code, 404);
     assert_eq!(
         call(&s, Method::GET, "/api/agents/nope/instance").await.0,
         400
     );
     let job = s.enqueue(agent, Uuid::new_v4()).await;
-    let (code, view) = call(&s, Method::GET, &format!("/api/agents/{agent}/instance")).await;
+    let (code, view) = s.instance(agent).await;
     assert_eq!(code, 200, "{view}");
     assert!(view["instance"].is_null());
     assert_eq!(view["steps"][0]["status"], "active");
@@ -272,7 +254,7 @@ async fn agent_instance_runs_the_timeout_check_and_derives_steps() {
     .await;
     // The runner went silent for 20 minutes: reading the status fails the job (seed 003).
     s.db.exec(&format!("UPDATE provisioning_jobs SET last_heartbeat_at = now() - interval '20 minutes' WHERE id = '{job}'")).await;
-    let (code, view) = call(&s, Method::GET, &format!("/api/agents/{agent}/instance")).await;
+    let (code, view) = s.instance(agent).await;
     assert_eq!(code, 200, "{view}");
     assert_eq!(view["job"]["status"], "failed");
     assert!(
@@ -281,12 +263,7 @@ async fn agent_instance_runs_the_timeout_check_and_derives_steps() {
             .unwrap()
             .starts_with("Timeout: No heartbeat for")
     );
-    let states: Vec<&str> = view["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["status"].as_str().unwrap())
-        .collect();
+    let states = step_states(&view);
     assert_eq!(
         states,
         ["completed", "completed", "error", "pending", "pending"]

@@ -1,6 +1,7 @@
 //! Keeps `/openapi.json` true: the documented operations are exactly the server's route table,
 //! every route answers, every code a route returns to a battery of requests is documented for
-//! it, and a documented path answers any other method with 405.
+//! it, every documented code is really produced, and a documented path answers any other
+//! method with 405.
 
 mod http_support;
 mod support;
@@ -80,4 +81,240 @@ async fn every_answer_is_documented_for_its_route() {
     }
     let served = s.http.get(s.url("/openapi.json")).send().await.unwrap();
     assert_eq!(served.text().await.unwrap(), provisiond::http::OPENAPI);
+}
+
+/// Every response code the document lists for an operation is one the server really gives:
+/// one request per documented (operation, code), and the observed set must equal the documented.
+#[tokio::test]
+async fn every_documented_code_is_produced() {
+    use reqwest::RequestBuilder;
+    use uuid::Uuid;
+    let s = Server::start().await;
+    let mut off = settings();
+    off.admin_token = None;
+    off.stripe_secret = None;
+    off.runner_secret = None;
+    let dark = Server::with(off, provisiond::queue::QueueSettings::default()).await;
+    let (agent, user) = (Uuid::new_v4(), Uuid::new_v4());
+    let held = s.enqueue(Uuid::new_v4(), Uuid::new_v4()).await;
+    s.queue.claim("w", 10).await.unwrap();
+    let queued = s.enqueue(agent, user).await;
+    let fresh = s.enqueue(Uuid::new_v4(), Uuid::new_v4()).await;
+    let cancel_me = s.enqueue(Uuid::new_v4(), Uuid::new_v4()).await;
+    let big = "x".repeat(70 * 1024);
+    let unknown = Uuid::new_v4();
+    let signed = |body: String| {
+        s.http
+            .post(s.url("/api/webhooks/github"))
+            .header("X-Signature", sign_runner(&body))
+            .body(body)
+    };
+    let stripe = |body: &str| {
+        s.http
+            .post(s.url("/api/webhooks/stripe"))
+            .header("Stripe-Signature", stripe_header(body))
+            .body(body.to_owned())
+    };
+    let get = |srv: &Server, p: &str| srv.http.get(srv.url(p));
+    let adm = |m: Method, p: &str| s.admin(m, p);
+    let job = |id: &str, tail: &str| format!("/api/jobs/{id}{tail}");
+    let new_job = serde_json::json!({"agent_id": Uuid::new_v4(), "user_id": Uuid::new_v4(), "business_key": "cs_doc"});
+    let other_user = serde_json::json!({"agent_id": agent, "user_id": Uuid::new_v4()});
+    let g = "/api/webhooks/github";
+    let st = "/api/webhooks/stripe";
+    let inst = "/api/agents/{id}/instance";
+    let mut cases: Vec<(&str, &str, RequestBuilder)> = vec![
+        (
+            "POST",
+            st,
+            stripe(r#"{"id":"evt_doc","type":"charge.succeeded"}"#),
+        ),
+        ("POST", st, s.http.post(s.url(st)).body("{}")),
+        (
+            "POST",
+            st,
+            s.http
+                .post(s.url(st))
+                .header("Stripe-Signature", "t=1,v1=00")
+                .body("{}"),
+        ),
+        ("POST", st, s.http.post(s.url(st)).body(big.clone())),
+        ("POST", st, dark.http.post(dark.url(st)).body("{}")),
+        (
+            "POST",
+            g,
+            signed(format!(r#"{{"job_id":"{fresh}","status":"provisioning"}}"#)),
+        ),
+        ("POST", g, signed("{".into())),
+        ("POST", g, s.http.post(s.url(g)).body("{}")),
+        (
+            "POST",
+            g,
+            signed(format!(r#"{{"job_id":"{unknown}","type":"heartbeat"}}"#)),
+        ),
+        (
+            "POST",
+            g,
+            signed(format!(r#"{{"job_id":"{queued}","type":"heartbeat"}}"#)),
+        ),
+        ("POST", g, s.http.post(s.url(g)).body(big.clone())),
+        ("POST", g, dark.http.post(dark.url(g)).body("{}")),
+        (
+            "GET",
+            inst,
+            adm(Method::GET, &format!("/api/agents/{agent}/instance")),
+        ),
+        ("GET", inst, adm(Method::GET, "/api/agents/x/instance")),
+        (
+            "GET",
+            inst,
+            get(&s, &format!("/api/agents/{agent}/instance")),
+        ),
+        (
+            "GET",
+            inst,
+            adm(Method::GET, &format!("/api/agents/{unknown}/instance")),
+        ),
+        (
+            "GET",
+            inst,
+            adm(Method::GET, &format!("/api/agents/{agent}/instance")).body(big.clone()),
+        ),
+        (
+            "GET",
+            inst,
+            get(&dark, &format!("/api/agents/{agent}/instance")),
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            adm(Method::POST, "/api/jobs").json(&new_job),
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            adm(Method::POST, "/api/jobs").json(&new_job),
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            adm(Method::POST, "/api/jobs").body("{"),
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            s.http.post(s.url("/api/jobs")).json(&new_job),
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            adm(Method::POST, "/api/jobs").json(&other_user),
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            adm(Method::POST, "/api/jobs").body(big.clone()),
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            dark.http.post(dark.url("/api/jobs")).json(&new_job),
+        ),
+        ("GET", "/api/jobs", adm(Method::GET, "/api/jobs")),
+        ("GET", "/api/jobs", adm(Method::GET, "/api/jobs?limit=0")),
+        ("GET", "/api/jobs", get(&s, "/api/jobs")),
+        (
+            "GET",
+            "/api/jobs",
+            adm(Method::GET, "/api/jobs").body(big.clone()),
+        ),
+        ("GET", "/api/jobs", get(&dark, "/api/jobs")),
+        ("GET", "/api/jobs/{id}", adm(Method::GET, &job(&queued, ""))),
+        ("GET", "/api/jobs/{id}", adm(Method::GET, &job("x", ""))),
+        ("GET", "/api/jobs/{id}", get(&s, &job(&queued, ""))),
+        (
+            "GET",
+            "/api/jobs/{id}",
+            adm(Method::GET, &job(&unknown.to_string(), "")),
+        ),
+        (
+            "GET",
+            "/api/jobs/{id}",
+            adm(Method::GET, &job(&queued, "")).body(big.clone()),
+        ),
+        ("GET", "/api/jobs/{id}", get(&dark, &job(&queued, ""))),
+    ];
+    for tail in ["/retry", "/cancel"] {
+        let t: &'static str = if tail == "/retry" {
+            "/api/jobs/{id}/retry"
+        } else {
+            "/api/jobs/{id}/cancel"
+        };
+        let ok_job = if tail == "/retry" {
+            &queued
+        } else {
+            &cancel_me
+        };
+        cases.extend([
+            ("POST", t, adm(Method::POST, &job(ok_job, tail))),
+            ("POST", t, adm(Method::POST, &job("x", tail))),
+            ("POST", t, s.http.post(s.url(&job(ok_job, tail)))),
+            (
+                "POST",
+                t,
+                adm(Method::POST, &job(&unknown.to_string(), tail)),
+            ),
+            ("POST", t, adm(Method::POST, &job(&held, tail))),
+            (
+                "POST",
+                t,
+                adm(Method::POST, &job(ok_job, tail)).body(big.clone()),
+            ),
+            ("POST", t, dark.http.post(dark.url(&job(ok_job, tail)))),
+        ]);
+    }
+    let sw = "/api/admin/sweep";
+    cases.extend([
+        ("POST", sw, adm(Method::POST, sw)),
+        ("POST", sw, adm(Method::POST, sw).body("{}")),
+        ("POST", sw, s.http.post(s.url(sw))),
+        ("POST", sw, adm(Method::POST, sw).body(big.clone())),
+        ("POST", sw, dark.http.post(dark.url(sw))),
+    ]);
+    for p in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        cases.push(("GET", p, get(&s, p)));
+        cases.push(("GET", p, get(&s, p).body(big.clone())));
+    }
+    let mut seen: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for (m, t, req) in cases {
+        let code = req.send().await.unwrap().status().as_u16();
+        seen.insert((m.to_owned(), t.to_owned(), code.to_string()));
+    }
+    // Readiness with a migration missing.
+    dark.db
+        .exec("DELETE FROM __diesel_schema_migrations WHERE version = (SELECT max(version) FROM __diesel_schema_migrations)")
+        .await;
+    let code = get(&dark, "/readyz")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    seen.insert(("GET".into(), "/readyz".into(), code.to_string()));
+
+    let doc = doc();
+    let mut want = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for code in op["responses"].as_object().unwrap().keys() {
+                want.insert((method.to_uppercase(), path.clone(), code.clone()));
+            }
+        }
+    }
+    let missing: Vec<_> = want.difference(&seen).collect();
+    let undocumented: Vec<_> = seen.difference(&want).collect();
+    assert!(
+        missing.is_empty() && undocumented.is_empty(),
+        "documented but not produced: {missing:?}\nproduced but not documented: {undocumented:?}"
+    );
 }

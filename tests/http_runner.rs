@@ -50,6 +50,14 @@ fn tools_present() {
     }
 }
 
+/// Sends each signed callback and expects `want` for all of them.
+async fn each_answers(s: &Server, bodies: &[String], want: u16) {
+    for body in bodies {
+        let (code, reply) = s.runner(body).await;
+        assert_eq!(code, want, "{body}: {reply}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_workflow_callbacks_move_the_job_through_provisioning_to_running() {
     tools_present();
@@ -96,33 +104,12 @@ async fn seed_workflow_callbacks_move_the_job_through_provisioning_to_running() 
             &format!(r#"{{"job_id":"{job}","status":"provisioning","step":"{step}"}}"#),
         );
         assert!(ok, "{out}");
-        let r = s
-            .admin(
-                reqwest::Method::GET,
-                &format!("/api/agents/{agent}/instance"),
-            )
-            .send()
-            .await
-            .unwrap();
-        let (code, view) = status_json(r).await;
+        let (code, view) = s.instance(agent).await;
         assert_eq!(code, 200, "{view}");
         assert_eq!(view["instance"]["currentStep"], step);
     }
-    let r = s
-        .admin(
-            reqwest::Method::GET,
-            &format!("/api/agents/{agent}/instance"),
-        )
-        .send()
-        .await
-        .unwrap();
-    let (_, view) = status_json(r).await;
-    let states: Vec<&str> = view["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["status"].as_str().unwrap())
-        .collect();
+    let (_, view) = s.instance(agent).await;
+    let states = step_states(&view);
     assert_eq!(
         states,
         ["completed", "completed", "completed", "active", "pending"]
@@ -298,17 +285,21 @@ async fn the_seeds_error_answers() {
         (400, Some("Invalid status"))
     );
     let unknown = Uuid::new_v4();
-    for body in [
-        format!(r#"{{"job_id":"{unknown}","status":"provisioning"}}"#),
-        format!(r#"{{"job_id":"{unknown}","type":"heartbeat"}}"#),
-        format!(r#"{{"job_id":"{unknown}","status":"provisioning","step":"vm_created"}}"#),
-        format!(r#"{{"job_id":"{unknown}","status":"failed"}}"#),
-    ] {
-        let (code, reply) = s.runner(&body).await;
-        assert_eq!(code, 404, "{body}: {reply}");
-    }
+    each_answers(
+        &s,
+        &[
+            format!(r#"{{"job_id":"{unknown}","status":"provisioning"}}"#),
+            format!(r#"{{"job_id":"{unknown}","type":"heartbeat"}}"#),
+            format!(r#"{{"job_id":"{unknown}","status":"provisioning","step":"vm_created"}}"#),
+            format!(r#"{{"job_id":"{unknown}","status":"failed"}}"#),
+        ],
+        404,
+    )
+    .await;
     // A queued job that no runner took: heartbeats, steps and endings are illegal.
-    for body in [
+    each_answers(
+        &s,
+        &[
         format!(r#"{{"job_id":"{job}","type":"heartbeat"}}"#),
         format!(r#"{{"job_id":"{job}","status":"provisioning","step":"vm_created"}}"#),
         format!(r#"{{"job_id":"{job}","status":"running"}}"#),
@@ -316,10 +307,10 @@ async fn the_seeds_error_answers() {
         format!(
             r#"{{"job_id":"{job}","status":"running","server_id":"1","server_ip":"1.2.3.4","tailscale_ip":"100.64.0.1"}}"#
         ),
-    ] {
-        let (code, reply) = s.runner(&body).await;
-        assert_eq!(code, 409, "{body}: {reply}");
-    }
+        ],
+        409,
+    )
+    .await;
     assert_eq!(s.checksum().await, before);
 }
 
@@ -330,15 +321,17 @@ async fn a_job_the_daemon_holds_is_never_taken_over_by_a_runner() {
     let claimed = s.queue.claim("test-worker", 1).await.unwrap();
     assert_eq!(claimed[0].id.to_string(), job);
     let before = s.checksum().await;
-    for body in [
-        format!(r#"{{"job_id":"{job}","status":"provisioning"}}"#),
-        format!(r#"{{"job_id":"{job}","type":"heartbeat"}}"#),
-        format!(r#"{{"job_id":"{job}","status":"failed","error":"x"}}"#),
-        format!(r#"{{"job_id":"{job}","status":"running"}}"#),
-    ] {
-        let (code, reply) = s.runner(&body).await;
-        assert_eq!(code, 409, "{body}: {reply}");
-    }
+    each_answers(
+        &s,
+        &[
+            format!(r#"{{"job_id":"{job}","status":"provisioning"}}"#),
+            format!(r#"{{"job_id":"{job}","type":"heartbeat"}}"#),
+            format!(r#"{{"job_id":"{job}","status":"failed","error":"x"}}"#),
+            format!(r#"{{"job_id":"{job}","status":"running"}}"#),
+        ],
+        409,
+    )
+    .await;
     assert_eq!(s.checksum().await, before);
 }
 

@@ -27,7 +27,7 @@ fn authorize(state: &HttpState, req: &Request) -> Result<(), ApiError> {
         .settings
         .admin_token
         .as_ref()
-        .ok_or(ApiError::NotConfigured(
+        .ok_or(ApiError::Unready(
             "the admin API is disabled: http.admin_token_file is not configured",
         ))?;
     if bearer_matches(req.header("authorization"), token.expose()) {
@@ -263,7 +263,7 @@ pub async fn readyz(state: &HttpState) -> Result<Response, ApiError> {
             ApiError::Unavailable
         })?;
     if pending {
-        return Err(ApiError::NotConfigured("migrations are pending"));
+        return Err(ApiError::Unready("migrations are pending"));
     }
     Ok(json(StatusCode::OK, &json!({ "status": "ready" })))
 }

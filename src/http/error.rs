@@ -22,9 +22,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(usize),
-    /// A feature that is off because its secret is not configured.
+    /// Not ready to serve this: a feature whose secret is not configured, or pending migrations.
     #[error("{0}")]
-    NotConfigured(&'static str),
+    Unready(&'static str),
     #[error("database unavailable, try again")]
     Unavailable,
 }
@@ -38,7 +38,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NotConfigured(_) | ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unready(_) | ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -49,7 +49,7 @@ pub async fn stripe(state: &HttpState, req: Request) -> Result<Response, ApiErro
         .settings
         .stripe_secret
         .as_ref()
-        .ok_or(ApiError::NotConfigured(
+        .ok_or(ApiError::Unready(
             "Stripe webhooks are disabled: http.stripe_webhook_secret_file is not configured",
         ))?;
     if let Err(e) = signatures::verify_stripe(
@@ -211,7 +211,7 @@ pub async fn runner(state: &HttpState, req: Request) -> Result<Response, ApiErro
         .settings
         .runner_secret
         .as_ref()
-        .ok_or(ApiError::NotConfigured(
+        .ok_or(ApiError::Unready(
             "runner callbacks are disabled: http.runner_secret_file is not configured",
         ))?;
     if let Err(e) = signatures::verify_runner(

@@ -107,6 +107,34 @@ impl Server {
         status_json(r).await
     }
 
+    /// POSTs JSON with the admin token.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        status_json(
+            self.admin(reqwest::Method::POST, path)
+                .json(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// `GET /api/agents/{agent}/instance` with the admin token.
+    pub async fn instance(&self, agent: uuid::Uuid) -> (u16, serde_json::Value) {
+        let path = format!("/api/agents/{agent}/instance");
+        status_json(
+            self.admin(reqwest::Method::GET, &path)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
     /// A checksum over every row of every table the HTTP surface could write.
     pub async fn checksum(&self) -> i64 {
         self.db
@@ -145,6 +173,16 @@ impl Server {
         assert_eq!(code, 201, "{body}");
         body["id"].as_str().unwrap().to_owned()
     }
+}
+
+/// The `status` of each UI step in an instance view.
+pub fn step_states(view: &serde_json::Value) -> Vec<String> {
+    view["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 pub async fn status_json(r: reqwest::Response) -> (u16, serde_json::Value) {
