@@ -522,6 +522,55 @@ async fn failing_actions_fail_the_job_and_roll_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_retry_of_a_rolled_back_job_provisions_it_afresh() {
+    let mut sim = SimConfig::default();
+    sim.faults.fail_actions = true;
+    let env = env(sim).await;
+    let failed = run_jobs(
+        &env,
+        provisioner(&env.sim, Duration::from_secs(30)),
+        &[job("eu-central")],
+        Duration::from_secs(40),
+    )
+    .await
+    .remove(0);
+    assert_rolled_back(&env, &failed).await;
+    // The cloud recovers; an operator retries the job.
+    env.sim.set_faults(Default::default());
+    let retried = env.queue.retry_now(failed.id).await.unwrap();
+    assert_eq!(
+        (
+            retried.status(),
+            retried.retry_count,
+            retried.operator_retries
+        ),
+        (JobStatus::Queued, 0, 1)
+    );
+    assert!(
+        retried.server_id.is_none() && retried.current_step.is_none(),
+        "no stale checkpoint: {retried:?}"
+    );
+    let (stop, task) = worker(&env, provisioner(&env.sim, Duration::from_secs(30)), "w2");
+    let j = settle(&env.queue, &[failed.id], Duration::from_secs(30))
+        .await
+        .remove(0);
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(j.status(), JobStatus::Running, "{:?}", j.last_error);
+    assert_eq!(j.retry_count, 0, "no attempt wasted on the deleted server");
+    assert_eq!(servers_of(&env.sim, j.id).len(), 1);
+    assert_eq!(
+        env.db
+            .count(&format!(
+                "SELECT count(*) FROM agent_instances WHERE job_id = '{}' AND status = 'running'",
+                j.id
+            ))
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_never_joins_fails_at_the_deadline_and_rolls_back() {
     let mut sim = SimConfig::default();
     sim.faults.no_enrollment = true;

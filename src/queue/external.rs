@@ -53,11 +53,21 @@ WHERE id = $1 AND executor = 'external' AND status = 'provisioning'
 RETURNING *";
 
 // Queued: run now (skip the backoff). Failed: the operator retry the schema's trigger allows
-// (operator_retries + 1), with a fresh retry budget, run by the daemon from now on.
+// (operator_retries + 1), with a fresh retry budget, run by the daemon from now on. A failed job
+// was rolled back, so the resources its checkpoints name are gone: forget them. The key id stays,
+// which makes the next attempt look the job's servers up by label first (and adopt anything an
+// incomplete rollback left behind) before it mints a new key.
 const RETRY_SQL: &str = "\
 UPDATE provisioning_jobs
 SET run_after = now(), updated_at = now(),
     status = 'queued',
+    current_step = CASE WHEN status = 'failed' THEN NULL ELSE current_step END,
+    server_id = CASE WHEN status = 'failed' THEN NULL ELSE server_id END,
+    server_ip = CASE WHEN status = 'failed' THEN NULL ELSE server_ip END,
+    location = CASE WHEN status = 'failed' THEN NULL ELSE location END,
+    pending_action_ids = CASE WHEN status = 'failed' THEN '{}' ELSE pending_action_ids END,
+    device_id = CASE WHEN status = 'failed' THEN NULL ELSE device_id END,
+    tailscale_ip = CASE WHEN status = 'failed' THEN NULL ELSE tailscale_ip END,
     operator_retries = operator_retries + (status = 'failed')::int,
     retry_count = CASE WHEN status = 'failed' THEN 0 ELSE retry_count END,
     error = CASE WHEN status = 'failed' THEN NULL ELSE error END,
