@@ -541,8 +541,8 @@ impl Queue {
         }
     }
 
-    /// Records that a job reached `step`, with an event row, in one transaction. Fenced.
-    /// (`checkpoint_with` also records step results; see `instances.rs`.)
+    /// Records that a job reached `step`: the job's and its instance's `current_step`, and an
+    /// event row, in one transaction. Fenced. (`checkpoint_step` also records step results.)
     pub async fn checkpoint(
         &self,
         lease: &Lease,
@@ -550,35 +550,16 @@ impl Queue {
         message: &str,
         data: serde_json::Value,
     ) -> Result<(), QueueError> {
-        let mut conn = self.pool.get().await?;
-        let lease = *lease;
-        let (step, message) = (step.to_owned(), message.to_owned());
-        use diesel_async::AsyncConnection;
-        conn.transaction::<_, QueueError, _>(async move |conn| {
-            let updated = diesel::update(provisioning_jobs::table)
-                .filter(provisioning_jobs::id.eq(lease.job_id))
-                .filter(provisioning_jobs::lease_token.eq(lease.token))
-                .set((
-                    provisioning_jobs::current_step.eq(&step),
-                    provisioning_jobs::updated_at.eq(diesel::dsl::now),
-                ))
-                .execute(conn)
-                .await?;
-            if updated == 0 {
-                return Err(QueueError::LeaseLost(lease.job_id));
-            }
-            diesel::insert_into(job_events::table)
-                .values((
-                    job_events::job_id.eq(lease.job_id),
-                    job_events::step.eq(&step),
-                    job_events::message.eq(&message),
-                    job_events::data.eq(&data),
-                ))
-                .execute(conn)
-                .await?;
-            Ok(())
-        })
+        self.checkpoint_step(
+            lease.job_id,
+            Fence::Lease(*lease),
+            step,
+            message,
+            data,
+            StepFields::default(),
+        )
         .await
+        .map(drop)
     }
 
     /// Retries or fails every job whose lease expired (daemon) or whose runner went silent for
