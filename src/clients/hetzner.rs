@@ -383,7 +383,8 @@ pub struct Location {
     pub network_zone: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// `Debug` is written by hand: `user_data` carries a Tailscale auth key and must never be printed.
+#[derive(Clone, Serialize)]
 pub struct CreateServerRequest {
     pub name: String,
     pub server_type: String,
@@ -409,6 +410,28 @@ pub struct PublicNetRequest {
 pub struct ServerQuery {
     pub label_selector: Option<String>,
     pub name: Option<String>,
+}
+
+impl std::fmt::Debug for CreateServerRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateServerRequest")
+            .field("name", &self.name)
+            .field("server_type", &self.server_type)
+            .field("image", &self.image)
+            .field("location", &self.location)
+            .field(
+                "user_data",
+                &self
+                    .user_data
+                    .as_ref()
+                    .map(|u| format!("<{} bytes, redacted>", u.len())),
+            )
+            .field("labels", &self.labels)
+            .field("ssh_keys", &self.ssh_keys)
+            .field("start_after_create", &self.start_after_create)
+            .field("public_net", &self.public_net)
+            .finish()
+    }
 }
 
 /// A label name or value body: 1-63 characters, alphanumeric at both ends, `-_.` between
@@ -865,6 +888,24 @@ fn transport_error(e: reqwest::Error, idempotent: Idempotent) -> HetznerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_never_prints_user_data() {
+        let req = CreateServerRequest {
+            name: "pv-1".into(),
+            server_type: "cpx22".into(),
+            image: "ubuntu-24.04".into(),
+            location: None,
+            user_data: Some("tailscale up --auth-key=tskey-auth-SECRET".into()),
+            labels: BTreeMap::new(),
+            ssh_keys: vec![],
+            start_after_create: true,
+            public_net: None,
+        };
+        let printed = format!("{req:?}");
+        assert!(!printed.contains("tskey"), "{printed}");
+        assert!(printed.contains("bytes, redacted"));
+    }
 
     #[test]
     fn default_config_parses() {
