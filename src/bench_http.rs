@@ -81,6 +81,7 @@ async fn load<F>(concurrency: usize, total: usize, make: F) -> anyhow::Result<(f
 where
     F: Fn(&reqwest::Client, usize) -> reqwest::RequestBuilder + Send + Sync + Clone + 'static,
 {
+    crate::tls::install_crypto_provider();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()?;

@@ -18,4 +18,5 @@ pub mod queue;
 pub mod secret;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

@@ -628,6 +628,7 @@ enum Idempotent {
 
 impl HetznerClient {
     pub fn new(cfg: HetznerConfig) -> HetznerClient {
+        crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(cfg.request_timeout)
             .user_agent(concat!("provisiond/", env!("CARGO_PKG_VERSION")))

@@ -9,7 +9,7 @@ pub mod hetzner;
 pub mod rate_budget;
 pub mod tailscale;
 
-use rand::Rng;
+use rand::RngExt;
 use std::time::Duration;
 
 /// Truncated exponential backoff with full jitter: a random wait in `[0, min(cap, base·2^n)]`.

@@ -288,6 +288,7 @@ pub struct TailscaleClient {
 
 impl TailscaleClient {
     pub fn new(cfg: TailscaleConfig) -> TailscaleClient {
+        crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(cfg.request_timeout)
             .user_agent(concat!("provisiond/", env!("CARGO_PKG_VERSION")))

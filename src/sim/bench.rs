@@ -42,6 +42,7 @@ const MIX: [&str; 5] = [
 ];
 
 pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
+    crate::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.concurrency)
         .build()?;

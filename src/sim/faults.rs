@@ -4,7 +4,7 @@
 //! request, whether a fault fires. Must not know how a fault is rendered; the API modules turn
 //! a [`FaultKind`] into each API's own error shape.
 
-use rand::Rng;
+use rand::RngExt;
 use serde::{Deserialize, Serialize};
 
 /// Everything the simulator can be told to get wrong.

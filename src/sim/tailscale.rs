@@ -22,7 +22,7 @@ fn message(status: u16, msg: &str) -> Reply {
 }
 
 fn random_alnum(n: usize) -> String {
-    use rand::Rng;
+    use rand::RngExt;
     const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::rng();
     (0..n)

@@ -1,7 +1,6 @@
 //! The step machine against real PostgreSQL and the simulator over HTTP.
 
-mod support;
-
+use crate::support::TestDb;
 use provisiond::clients::hetzner::HetznerClient;
 use provisiond::clients::tailscale::TailscaleClient;
 use provisiond::config::Regions;
@@ -14,7 +13,6 @@ use provisiond::sim::{SimConfig, SimHandle, Simulator};
 use provisiond::worker::{JobContext, JobHandler, Worker, WorkerSettings};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::TestDb;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 

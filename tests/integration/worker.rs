@@ -1,7 +1,6 @@
 //! The worker against real PostgreSQL: wake-ups, reconnects, lost leases, panics, shutdown.
 
-mod support;
-
+use crate::support::TestDb;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use provisiond::domain::{Executor, JobStatus};
@@ -10,7 +9,6 @@ use provisiond::worker::{JobContext, JobHandler, NoopHandler, Outcome, Worker, W
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::TestDb;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 

@@ -2,10 +2,7 @@
 //! the seed workflow's own shell lines (`openssl dgst -sha256 -hmac` + `curl -sf`, seed 001)
 //! against the daemon; the rest check every answer of the protocol.
 
-mod http_support;
-mod support;
-
-use http_support::*;
+use crate::http_support::*;
 use provisiond::queue::QueueSettings;
 use std::process::Command;
 use uuid::Uuid;

@@ -92,7 +92,7 @@ async fn after_a_429_nothing_is_sent_before_reset_and_the_budget_recovers() {
     let id = one_server(&c).await;
 
     // Another tool in the same project spends the shared budget behind our back.
-    let other = reqwest::Client::new();
+    let other = provisiond::tls::http_client();
     let url = format!("{}/servers/{id}", h.hetzner_base_url());
     for _ in 0..8 {
         other

@@ -1,6 +1,6 @@
-//! Throughput of the simulator (ignored by default; run in release, see BENCHMARKS-sim.md):
+//! Throughput of the simulator (ignored by default; run in release, see BENCHMARKS.md):
 //!
-//! `cargo test --release --test sim_bench -- --ignored --nocapture`
+//! `cargo test --release --test integration sim_bench:: -- --ignored --nocapture`
 //!
 //! Knobs: `SIM_BENCH_CONCURRENCY` (default 32), `SIM_BENCH_REQUESTS` (default 200000),
 //! `SIM_BENCH_SECONDS` (default 20). The load generator runs in the same process, so the figure
@@ -51,7 +51,7 @@ async fn sustained_requests_per_second() {
 
 /// Serves a simulator for an external load generator (wrk), since `provisiond sim` is wired in
 /// `main.rs` elsewhere: `SIM_BENCH_LISTEN=127.0.0.1:8099 SIM_BENCH_SECONDS=30 cargo test --release
-/// --test sim_bench serve_for_external_load -- --ignored --nocapture`, then in another shell
+/// --test integration sim_bench::serve_for_external_load -- --ignored --nocapture`, then in another shell
 /// `wrk -t2 -c32 -d10s -H 'Authorization: Bearer sim-hetzner-token' http://127.0.0.1:8099/v1/servers/100000001`.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "benchmark helper: run explicitly in release"]
@@ -64,7 +64,7 @@ async fn serve_for_external_load() {
     })
     .await
     .unwrap();
-    let created = reqwest::Client::new()
+    let created = provisiond::tls::http_client()
         .post(format!("{}/servers", h.hetzner_base_url()))
         .bearer_auth(h.hetzner_token().expose())
         .json(

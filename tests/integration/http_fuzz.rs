@@ -2,10 +2,7 @@
 //! server must never answer 5xx (the database is up), never panic, and write nothing: the
 //! checksum of every table is the same before and after.
 
-mod http_support;
-mod support;
-
-use http_support::*;
+use crate::http_support::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 

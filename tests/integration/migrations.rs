@@ -1,9 +1,7 @@
 //! Migrations apply on an empty database, roll back cleanly, and apply again.
 
-mod support;
-
+use crate::support::TestDb;
 use std::time::Duration;
-use support::TestDb;
 
 const OUR_OBJECTS: &str = "SELECT (SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename <> '__diesel_schema_migrations')
      + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace

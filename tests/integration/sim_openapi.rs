@@ -76,7 +76,7 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut r = reqwest::Client::new()
+    let mut r = provisiond::tls::http_client()
         .request(method, format!("{}{path}", h.hetzner_base_url()))
         .bearer_auth(h.hetzner_token().expose());
     if let Some(b) = body {

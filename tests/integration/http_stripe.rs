@@ -1,10 +1,7 @@
 //! `POST /api/webhooks/stripe` over a real socket and a real database. Signatures are computed
 //! here with the `hmac` crate (Stripe's published algorithm), never with the daemon's verifier.
 
-mod http_support;
-mod support;
-
-use http_support::*;
+use crate::http_support::*;
 use provisiond::queue::QueueSettings;
 use std::time::Duration;
 use uuid::Uuid;

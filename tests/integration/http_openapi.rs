@@ -3,10 +3,7 @@
 //! it, every documented code is really produced, and a documented path answers any other
 //! method with 405.
 
-mod http_support;
-mod support;
-
-use http_support::*;
+use crate::http_support::*;
 use reqwest::Method;
 use std::collections::BTreeSet;
 

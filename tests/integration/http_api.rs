@@ -1,9 +1,6 @@
 //! The status API, the admin API, health, readiness and metrics over a real socket.
 
-mod http_support;
-mod support;
-
-use http_support::*;
+use crate::http_support::*;
 use provisiond::queue::QueueSettings;
 use reqwest::Method;
 use uuid::Uuid;
@@ -304,7 +301,7 @@ async fn health_readiness_metrics_and_unknown_routes() {
 async fn readyz_and_webhooks_are_503_when_the_database_is_gone() {
     use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
     let s = Server::start().await;
-    let mut admin = AsyncPgConnection::establish(support::server_url().await)
+    let mut admin = AsyncPgConnection::establish(crate::support::server_url().await)
         .await
         .unwrap();
     diesel::sql_query(format!("DROP DATABASE {} WITH (FORCE)", s.db.name))

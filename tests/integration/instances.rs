@@ -1,10 +1,8 @@
 //! Completion with VM metadata and step recording, as the web app sees them.
 
-mod support;
-
+use crate::support::TestDb;
 use provisiond::domain::{Executor, JobStatus};
 use provisiond::queue::{Fence, NewJob, Queue, QueueError, QueueSettings, VmMetadata};
-use support::TestDb;
 use uuid::Uuid;
 
 fn meta() -> VmMetadata {

@@ -1,7 +1,6 @@
 //! The queue against real PostgreSQL: concurrency, fencing, retries, sweep, terminal states.
 
-mod support;
-
+use crate::support::TestDb;
 use provisiond::db::models::{Job, Lease};
 use provisiond::domain::{Executor, JobStatus};
 use provisiond::queue::{Enqueued, FailOutcome, Failure, NewJob, Queue, QueueError, QueueSettings};
@@ -9,7 +8,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use support::TestDb;
 use uuid::Uuid;
 
 fn settings() -> QueueSettings {

@@ -1,14 +1,12 @@
 //! The `provisiond` binary, black-box: CLI output and errors, and `serve` under SIGTERM.
 
-mod support;
-
+use crate::support::TestDb;
 use provisiond::domain::JobStatus;
 use provisiond::queue::{Queue, QueueSettings};
 use provisiond::worker::{NoopHandler, Worker, WorkerSettings};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::TestDb;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_provisiond");

@@ -66,7 +66,7 @@ impl Server {
             queue,
             addr,
             base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
+            http: provisiond::tls::http_client(),
             stop,
         }
     }

@@ -2,11 +2,9 @@
 //! files only, answers on its listen address, takes a signed runner callback, and stops on
 //! SIGTERM.
 
-mod support;
-
+use crate::support::TestDb;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::TestDb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_http_and_stops_on_sigterm() {
@@ -36,7 +34,7 @@ async fn serve_answers_http_and_stops_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn serve");
-    let http = reqwest::Client::new();
+    let http = provisiond::tls::http_client();
     let base = format!("http://127.0.0.1:{port}");
     let t0 = Instant::now();
     loop {

@@ -13,7 +13,7 @@ async fn sim(cfg: SimConfig) -> SimHandle {
 }
 
 async fn hz(h: &SimHandle, method: Method, path: &str, body: Option<&str>) -> reqwest::Response {
-    let mut r = reqwest::Client::new()
+    let mut r = provisiond::tls::http_client()
         .request(method, format!("{}{path}", h.hetzner_base_url()))
         .bearer_auth(h.hetzner_token().expose());
     if let Some(b) = body {
@@ -116,14 +116,14 @@ async fn unknown_routes_and_bad_bodies_get_the_real_envelopes() {
         assert_eq!(v["error"]["code"], code, "{path} {body:?}: {v}");
         assert!(v["error"]["message"].is_string());
     }
-    let ts = reqwest::Client::new()
+    let ts = provisiond::tls::http_client()
         .get(format!("{}api/v2/nothing", h.tailscale_base_url()))
         .send()
         .await
         .unwrap();
     assert_eq!(ts.status(), 404);
     assert!(ts.json::<Value>().await.unwrap()["message"].is_string());
-    let unauth = reqwest::Client::new()
+    let unauth = provisiond::tls::http_client()
         .get(format!("{}/servers", h.hetzner_base_url()))
         .send()
         .await
@@ -215,7 +215,7 @@ async fn the_project_limit_answers_429_and_refills_gradually() {
         ..SimConfig::default()
     })
     .await;
-    let c = reqwest::Client::new();
+    let c = provisiond::tls::http_client();
     let url = format!("{}/locations", h.hetzner_base_url());
     let mut statuses = Vec::new();
     // Two tokens of one project share its budget.
@@ -245,7 +245,7 @@ async fn the_project_limit_answers_429_and_refills_gradually() {
 async fn oauth_token_accepts_form_or_basic_credentials() {
     let h = sim(SimConfig::default()).await;
     let url = format!("{}api/v2/oauth/token", h.tailscale_base_url());
-    let c = reqwest::Client::new();
+    let c = provisiond::tls::http_client();
     let id = &h.config().tailscale_client_id;
     let secret = h.config().tailscale_client_secret.expose();
     let form = c
@@ -296,7 +296,7 @@ async fn oauth_token_accepts_form_or_basic_credentials() {
 #[tokio::test]
 async fn faults_are_set_by_the_admin_endpoint_and_state_counts_requests() {
     let h = sim(SimConfig::default()).await;
-    let c = reqwest::Client::new();
+    let c = provisiond::tls::http_client();
     let admin = format!("{}_sim/faults", h.tailscale_base_url());
     let set = c
         .post(&admin)
@@ -383,7 +383,7 @@ fn cli_flags_become_a_config() {
 #[tokio::test]
 async fn bad_key_requests_get_a_message_never_a_panic() {
     let h = sim(SimConfig::default()).await;
-    let c = reqwest::Client::new();
+    let c = provisiond::tls::http_client();
     let base = h.tailscale_base_url();
     let token: Value = c
         .post(format!("{base}api/v2/oauth/token"))
