@@ -1,0 +1,622 @@
+//! `provisiond chaos`: the reliability suite. Several real `provisiond serve` processes share a
+//! private PostgreSQL cluster and the in-process cloud simulator; the suite `kill -9`s daemons
+//! at random and restarts them, restarts PostgreSQL, injects transient cloud faults, then lets
+//! every job end, runs a reap and checks the outcome (see [`ChaosReport::checks`]).
+//!
+//! Owns only the orchestration and its report. It never touches the machine's PostgreSQL (its
+//! cluster has its own data directory and port), listens and connects on 127.0.0.1 only, stops by
+//! itself (every loop is bounded), and on return or failure leaves no process or cluster behind
+//! (the fleet and the cluster clean up when dropped).
+
+pub mod checks;
+pub mod cluster;
+pub mod fleet;
+
+use crate::bench::Scratch;
+use crate::clients::hetzner::HetznerClient;
+use crate::clients::tailscale::TailscaleClient;
+use crate::db;
+use crate::domain::Executor;
+use crate::provision::reaper::{self, ReapReport};
+use crate::queue::{NewJob, Queue, QueueSettings};
+use crate::secret::Secret;
+use crate::sim::{FaultKind, FaultRule, Faults, LatencyProfile, SimConfig, SimHandle, Simulator};
+use anyhow::Context;
+use cluster::{PrivateCluster, StopMode};
+use fleet::{DaemonSettings, Fleet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// `provisiond chaos` flags; unset ones come from the full run or, with `--short`, the short one.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ChaosArgs {
+    /// The short version that `cargo test` runs (tens of jobs, a few kills, one restart).
+    #[arg(long)]
+    pub short: bool,
+    /// Jobs to provision (distinct customers, every tenth one a repeat customer).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// `provisiond serve` processes.
+    #[arg(long)]
+    pub daemons: Option<usize>,
+    /// `kill -9`s, spread over the run.
+    #[arg(long)]
+    pub kills: Option<u32>,
+    /// PostgreSQL restarts (alternately fast and immediate, i.e. crash-like).
+    #[arg(long)]
+    pub pg_restarts: Option<u32>,
+    /// Share of cloud API requests answered with a transient fault (5xx, 429, 409, timeout).
+    #[arg(long)]
+    pub fault_rate: Option<f64>,
+    /// Keep the daemons' logs (they are kept anyway when a check fails).
+    #[arg(long)]
+    pub keep_logs: bool,
+}
+
+/// What one run does, with every value resolved.
+#[derive(Debug, Clone)]
+pub struct ChaosPlan {
+    pub jobs: usize,
+    pub daemons: usize,
+    pub kills: u32,
+    pub pg_restarts: u32,
+    pub fault_rate: f64,
+    /// Jobs each daemon runs at once.
+    pub concurrency: usize,
+    /// Gap between kills, drawn uniformly from this range.
+    pub kill_every: (Duration, Duration),
+    /// Retries a job may spend: every kill costs each job its daemon held an attempt.
+    pub max_retries: i32,
+    /// Failed jobs allowed (the goal is 0 at 20 % transient faults).
+    pub max_failed: usize,
+    /// How long jobs may take to end after the last kill.
+    pub drain_timeout: Duration,
+    pub keep_logs: bool,
+}
+
+impl ChaosPlan {
+    /// ≥ 300 jobs, ≥ 50 kills, two PostgreSQL restarts, 20 % faults: the published run.
+    pub fn full() -> ChaosPlan {
+        ChaosPlan {
+            jobs: 300,
+            daemons: 3,
+            kills: 50,
+            pg_restarts: 2,
+            fault_rate: 0.2,
+            concurrency: 12,
+            kill_every: (Duration::from_millis(1500), Duration::from_millis(4500)),
+            max_retries: 10,
+            max_failed: 0,
+            drain_timeout: Duration::from_secs(600),
+            keep_logs: false,
+        }
+    }
+
+    /// Tens of jobs, a few kills, one PostgreSQL restart: what `cargo test` runs.
+    pub fn short() -> ChaosPlan {
+        ChaosPlan {
+            jobs: 30,
+            daemons: 2,
+            kills: 5,
+            pg_restarts: 1,
+            kill_every: (Duration::from_millis(1000), Duration::from_millis(2500)),
+            drain_timeout: Duration::from_secs(120),
+            ..ChaosPlan::full()
+        }
+    }
+
+    pub fn from_args(a: &ChaosArgs) -> anyhow::Result<ChaosPlan> {
+        let base = if a.short {
+            ChaosPlan::short()
+        } else {
+            ChaosPlan::full()
+        };
+        let plan = ChaosPlan {
+            jobs: a.jobs.unwrap_or(base.jobs),
+            daemons: a.daemons.unwrap_or(base.daemons),
+            kills: a.kills.unwrap_or(base.kills),
+            pg_restarts: a.pg_restarts.unwrap_or(base.pg_restarts),
+            fault_rate: a.fault_rate.unwrap_or(base.fault_rate),
+            keep_logs: a.keep_logs,
+            ..base
+        };
+        anyhow::ensure!((1..=5000).contains(&plan.jobs), "--jobs must be 1..=5000");
+        anyhow::ensure!((1..=10).contains(&plan.daemons), "--daemons must be 1..=10");
+        anyhow::ensure!(plan.kills <= 1000, "--kills must be at most 1000");
+        anyhow::ensure!(plan.pg_restarts <= 20, "--pg-restarts must be at most 20");
+        anyhow::ensure!(
+            (0.0..0.9).contains(&plan.fault_rate),
+            "--fault-rate must be in [0, 0.9)"
+        );
+        Ok(plan)
+    }
+}
+
+/// Figures and verdicts of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChaosReport {
+    pub jobs: usize,
+    pub running: usize,
+    pub failed: usize,
+    pub not_terminal: usize,
+    pub missing: usize,
+    /// The most frequent errors of failed jobs, with counts.
+    pub failure_reasons: Vec<(String, usize)>,
+    pub daemons: usize,
+    pub kills: u32,
+    pub restarts: u32,
+    pub exits: u32,
+    pub pg_restarts: u32,
+    pub api_requests: u64,
+    pub faults_injected: u64,
+    pub cloud: checks::CloudFindings,
+    pub reap: ReapSummary,
+    pub stale_writes: Vec<checks::StaleWrite>,
+    pub wall: Duration,
+    pub max_failed: usize,
+    /// Where the daemons' logs were kept, if they were.
+    pub logs: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReapSummary {
+    pub servers_deleted: usize,
+    pub devices_deleted: usize,
+    pub errors: Vec<String>,
+}
+
+impl From<ReapReport> for ReapSummary {
+    fn from(r: ReapReport) -> Self {
+        ReapSummary {
+            servers_deleted: r.servers_deleted.len(),
+            devices_deleted: r.devices_deleted.len(),
+            errors: r.errors,
+        }
+    }
+}
+
+/// One verdict: its name, whether it held, and the figure behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl ChaosReport {
+    pub fn checks(&self) -> Vec<Check> {
+        let c = &self.cloud;
+        let check = |name, ok, detail: String| Check { name, ok, detail };
+        vec![
+            check(
+                "every job terminal",
+                self.not_terminal == 0,
+                format!("{} not terminal", self.not_terminal),
+            ),
+            check(
+                "0 lost",
+                self.missing == 0,
+                format!("{} enqueued jobs missing", self.missing),
+            ),
+            check(
+                "≤ 1 server per job",
+                c.duplicate_servers == 0,
+                format!("{} jobs with a duplicate server", c.duplicate_servers),
+            ),
+            check(
+                "≤ 1 device per job",
+                c.duplicate_devices == 0,
+                format!("{} jobs with a duplicate device", c.duplicate_devices),
+            ),
+            check(
+                "0 orphans after the reap",
+                c.orphan_servers == 0 && c.orphan_devices == 0,
+                format!(
+                    "{} servers, {} devices",
+                    c.orphan_servers, c.orphan_devices
+                ),
+            ),
+            check(
+                "0 valid unrevoked keys after the reap",
+                c.valid_keys == 0,
+                format!("{} valid keys", c.valid_keys),
+            ),
+            check(
+                "instances consistent with the cloud",
+                c.inconsistencies.is_empty(),
+                match c.inconsistencies.first() {
+                    None => "0 inconsistencies".into(),
+                    Some(first) => format!("{}, e.g. {first}", c.inconsistencies.len()),
+                },
+            ),
+            check(
+                "no write by a stale lease",
+                self.stale_writes.is_empty(),
+                match self.stale_writes.first() {
+                    None => "0 stale writes".into(),
+                    Some(w) => format!(
+                        "{}, e.g. {} on job {} ({:?} → {:?}): {}",
+                        self.stale_writes.len(),
+                        w.writer,
+                        w.job_id,
+                        w.old_status,
+                        w.new_status,
+                        w.rule
+                    ),
+                },
+            ),
+            check(
+                "failed jobs within the allowance",
+                self.failed <= self.max_failed,
+                format!("{} failed, {} allowed", self.failed, self.max_failed),
+            ),
+        ]
+    }
+
+    pub fn passed(&self) -> bool {
+        self.checks().iter().all(|c| c.ok)
+    }
+
+    /// The figures as a Markdown table, then one line per check.
+    pub fn render(&self) -> String {
+        let pct = |n: u64, of: u64| 100.0 * n as f64 / of.max(1) as f64;
+        let mut out = String::new();
+        let mut line = |s: String| {
+            out.push_str(&s);
+            out.push('\n');
+        };
+        line("| figure | value |".into());
+        line("|---|---|".into());
+        line(format!(
+            "| jobs | {} enqueued: {} running, {} failed, {} not terminal, {} missing |",
+            self.jobs, self.running, self.failed, self.not_terminal, self.missing
+        ));
+        line(format!(
+            "| daemons | {} `serve` processes; {} `kill -9`, {} restarts, {} exits on their own |",
+            self.daemons, self.kills, self.restarts, self.exits
+        ));
+        line(format!("| PostgreSQL restarts | {} |", self.pg_restarts));
+        line(format!(
+            "| cloud faults injected | {} of {} API requests ({:.1} %) |",
+            self.faults_injected,
+            self.api_requests,
+            pct(self.faults_injected, self.api_requests)
+        ));
+        line(format!(
+            "| duplicates | {} servers, {} devices |",
+            self.cloud.duplicate_servers, self.cloud.duplicate_devices
+        ));
+        line(format!(
+            "| final reap | {} servers, {} devices deleted, {} errors |",
+            self.reap.servers_deleted,
+            self.reap.devices_deleted,
+            self.reap.errors.len()
+        ));
+        line(format!(
+            "| after the reap | {} orphan servers, {} orphan devices, {} valid keys |",
+            self.cloud.orphan_servers, self.cloud.orphan_devices, self.cloud.valid_keys
+        ));
+        line(format!(
+            "| inconsistent instances | {} |",
+            self.cloud.inconsistencies.len()
+        ));
+        line(format!("| stale writes | {} |", self.stale_writes.len()));
+        line(format!("| wall time | {:.0} s |", self.wall.as_secs_f64()));
+        for (reason, n) in &self.failure_reasons {
+            line(format!("failed ×{n}: {reason}"));
+        }
+        for c in self.checks() {
+            line(format!(
+                "{} {} ({})",
+                if c.ok { "PASS" } else { "FAIL" },
+                c.name,
+                c.detail
+            ));
+        }
+        if let Some(dir) = &self.logs {
+            line(format!("daemon logs: {}", dir.display()));
+        }
+        out
+    }
+}
+
+/// Runs the suite with `binary` as the daemon (`provisiond` itself, or the test's build).
+pub async fn run(plan: &ChaosPlan, binary: &Path) -> anyhow::Result<ChaosReport> {
+    let t0 = Instant::now();
+    let logs = std::env::temp_dir().join(format!(
+        "provisiond-chaos-logs-{}",
+        &Uuid::new_v4().simple().to_string()[..8]
+    ));
+    std::fs::create_dir_all(&logs).context("create the log directory")?;
+    let mut cluster = tokio::task::block_in_place(PrivateCluster::start)
+        .context("start the private PostgreSQL cluster")?;
+    eprintln!("chaos: private PostgreSQL on 127.0.0.1:{}", cluster.port());
+    // The cluster is thrown away whole, so the scratch database is never dropped on its own.
+    let scratch = Scratch::create(&Secret::new(cluster.url())).await?;
+    let url = scratch.url.clone();
+    db::migrate(&url, Duration::from_secs(10)).await?;
+    checks::install_stale_write_detector(&url).await?;
+    let queue = Queue::new(
+        db::connect(&url, 4, Duration::from_secs(10)).await?,
+        QueueSettings {
+            default_max_retries: plan.max_retries,
+            ..QueueSettings::default()
+        },
+    );
+    let sim = Simulator::start(SimConfig {
+        latency: LatencyProfile {
+            create: Duration::from_secs(1),
+            boot: Duration::from_secs(2),
+            enroll: Duration::from_secs(1),
+            delete: Duration::from_millis(500),
+        },
+        // High enough that only injected 429s happen: the budget is not what this suite tests.
+        rate_limit_per_hour: 1_000_000,
+        rate_limit_burst: 1_000_000,
+        hang: Duration::from_secs(5),
+        faults: fault_rules(plan.fault_rate),
+        ..SimConfig::default()
+    })
+    .await?;
+    let mut fleet = Fleet::new(
+        binary,
+        &url,
+        &sim,
+        &DaemonSettings {
+            concurrency: plan.concurrency,
+            lease_ttl: Duration::from_secs(4),
+            heartbeat: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(2),
+        },
+        plan.daemons,
+        &logs,
+    );
+    let outcome = chaos_and_drain(plan, &mut cluster, &mut fleet, &queue).await;
+    sim.set_faults(Faults::default());
+    tokio::task::block_in_place(|| fleet.stop_all(Duration::from_secs(10)));
+    let ids = outcome.with_context(|| format!("daemon logs in {}", logs.display()))?;
+    let mut report = verify(plan, &queue, &sim, &ids, &fleet).await?;
+    report.pg_restarts = plan.pg_restarts;
+    report.wall = t0.elapsed();
+    sim.shutdown().await;
+    drop(fleet);
+    drop(cluster);
+    if report.passed() && !plan.keep_logs {
+        let _ = std::fs::remove_dir_all(&logs);
+    } else {
+        report.logs = Some(logs);
+    }
+    Ok(report)
+}
+
+/// Enqueues the jobs in step with the kills, restarts PostgreSQL on schedule, then waits until
+/// every job has ended (or the drain timeout). Returns the ids of the jobs enqueued.
+async fn chaos_and_drain(
+    plan: &ChaosPlan,
+    cluster: &mut PrivateCluster,
+    fleet: &mut Fleet,
+    queue: &Queue,
+) -> anyhow::Result<Vec<Uuid>> {
+    fleet.supervise()?;
+    let mut ids = Vec::with_capacity(plan.jobs);
+    let per_round = plan.jobs.div_ceil(plan.kills.max(1) as usize);
+    let restart_at: Vec<u32> = (1..=plan.pg_restarts)
+        .map(|i| i * plan.kills / (plan.pg_restarts + 1))
+        .collect();
+    let mut restarts_done = 0;
+    for k in 0..plan.kills {
+        enqueue_some(queue, &mut ids, per_round, plan.jobs).await?;
+        let (lo, hi) = plan.kill_every;
+        supervise_for(fleet, lo + (hi - lo).mul_f64(rand::random::<f64>())).await?;
+        while restarts_done < restart_at.len() && restart_at[restarts_done] <= k {
+            let mode = if restarts_done % 2 == 0 {
+                StopMode::Fast
+            } else {
+                StopMode::Immediate
+            };
+            eprintln!("chaos: restarting PostgreSQL ({mode:?})");
+            tokio::task::block_in_place(|| cluster.restart(mode, Duration::from_secs(2)))?;
+            restarts_done += 1;
+        }
+        let back_in = Duration::from_millis(rand::random_range(0..1500));
+        if let Some(slot) = fleet.kill_random(back_in)? {
+            eprintln!(
+                "chaos: kill -9 {}/{}: daemon {slot} ({} of {} jobs enqueued)",
+                k + 1,
+                plan.kills,
+                ids.len(),
+                plan.jobs
+            );
+        }
+    }
+    enqueue_some(queue, &mut ids, plan.jobs, plan.jobs).await?;
+    // Restarts scheduled for the end (e.g. with no kills) still happen.
+    while restarts_done < restart_at.len() {
+        tokio::task::block_in_place(|| cluster.restart(StopMode::Fast, Duration::from_secs(2)))?;
+        restarts_done += 1;
+    }
+
+    let deadline = Instant::now() + plan.drain_timeout;
+    let mut last_note = Instant::now();
+    while Instant::now() < deadline {
+        supervise_for(fleet, Duration::from_millis(500)).await?;
+        let Ok(jobs) = queue.get_many(&ids).await else {
+            continue;
+        };
+        let done = jobs.iter().filter(|j| j.status().is_terminal()).count();
+        if done == ids.len() {
+            break;
+        }
+        if last_note.elapsed() > Duration::from_secs(10) {
+            eprintln!("chaos: {done}/{} jobs ended", ids.len());
+            last_note = Instant::now();
+        }
+    }
+    Ok(ids)
+}
+
+/// Keeps the fleet alive (restarting killed or exited daemons) for `d`.
+async fn supervise_for(fleet: &mut Fleet, d: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + d;
+    loop {
+        fleet.supervise()?;
+        let now = Instant::now();
+        if now >= until {
+            return Ok(());
+        }
+        tokio::time::sleep((until - now).min(Duration::from_millis(100))).await;
+    }
+}
+
+/// Enqueues up to `n` more jobs, until `total`. Each has a business key, so an enqueue retried
+/// after an error (PostgreSQL restarting) returns the job it may already have made.
+async fn enqueue_some(
+    queue: &Queue,
+    ids: &mut Vec<Uuid>,
+    n: usize,
+    total: usize,
+) -> anyhow::Result<()> {
+    let regions = ["eu-central", "us-east", "us-west", "ap-southeast"];
+    let until = (ids.len() + n).min(total);
+    while ids.len() < until {
+        let i = ids.len();
+        let job = NewJob {
+            agent_id: Uuid::new_v4(),
+            // Every tenth purchase is by the previous customer, so it waits for the first.
+            user_id: Uuid::from_u128(if i % 10 == 9 { i - 1 } else { i } as u128 + 1),
+            region: regions[i % regions.len()].into(),
+            stripe_event_id: None,
+            business_key: Some(format!("chaos-{i}")),
+            executor: Executor::Daemon,
+            max_retries: None,
+        };
+        let mut tries = 0;
+        let id = loop {
+            match queue.enqueue(&job).await {
+                Ok(r) => break r.job().id,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "enqueue failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e).context("enqueue kept failing"),
+            }
+        };
+        ids.push(id);
+    }
+    Ok(())
+}
+
+/// Transient faults on every API route, `rate` in all, spread over the kinds: each rule's
+/// probability is conditional on the earlier rules not firing (they are checked in order).
+pub fn fault_rules(rate: f64) -> Faults {
+    let shares = [
+        (FaultKind::ServerError, 0.25),
+        (FaultKind::BadGateway, 0.2),
+        (FaultKind::Unavailable, 0.2),
+        (FaultKind::GatewayTimeout, 0.1),
+        (FaultKind::Timeout, 0.1),
+        (FaultKind::RateLimited, 0.1),
+        (FaultKind::Conflict, 0.05),
+    ];
+    let mut taken = 0.0_f64;
+    let rules = shares
+        .iter()
+        .map(|(kind, share)| {
+            let p = rate * share / (1.0 - taken).max(f64::MIN_POSITIVE);
+            taken += rate * share;
+            FaultRule {
+                route: "*".into(),
+                fault: *kind,
+                times: None,
+                probability: Some(p.clamp(0.0, 1.0)),
+            }
+        })
+        .collect();
+    Faults {
+        rules,
+        ..Faults::default()
+    }
+}
+
+/// The final reap (no grace: every job has ended) and the checks.
+async fn verify(
+    plan: &ChaosPlan,
+    queue: &Queue,
+    sim: &SimHandle,
+    ids: &[Uuid],
+    fleet: &Fleet,
+) -> anyhow::Result<ChaosReport> {
+    let tags = sim.config().tailscale_tags.clone();
+    let reap = reaper::reap(
+        queue,
+        &HetznerClient::new(sim.hetzner_config()),
+        &TailscaleClient::new(sim.tailscale_config()),
+        &tags,
+        Duration::ZERO,
+    )
+    .await;
+    // Deletes take the simulated delete time; wait (bounded) until none is left in progress.
+    for _ in 0..100 {
+        let deleting = sim
+            .state()
+            .servers
+            .iter()
+            .any(|s| s.status == crate::sim::ServerStatus::Deleting);
+        if !deleting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let jobs = queue.get_many(ids).await?;
+    let instances = checks::instances(queue.pool(), ids).await?;
+    let state = sim.state();
+    let count = |s: crate::domain::JobStatus| jobs.iter().filter(|j| j.status() == s).count();
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for j in jobs
+        .iter()
+        .filter(|j| j.status() == crate::domain::JobStatus::Failed)
+    {
+        // Ids and counts make messages unique; group them with every digit masked.
+        let key: String = j
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .chars()
+            .map(|c| if c.is_ascii_digit() { '#' } else { c })
+            .take(120)
+            .collect();
+        *reasons.entry(key).or_default() += 1;
+    }
+    let mut failure_reasons: Vec<(String, usize)> = reasons.into_iter().collect();
+    failure_reasons.sort_by(|a, b| b.1.cmp(&a.1));
+    failure_reasons.truncate(5);
+    let api_requests = state
+        .requests
+        .iter()
+        .filter(|(route, _)| !route.contains("/_sim/"))
+        .map(|(_, by)| by.values().sum::<u64>())
+        .sum();
+    Ok(ChaosReport {
+        jobs: ids.len(),
+        running: count(crate::domain::JobStatus::Running),
+        failed: count(crate::domain::JobStatus::Failed),
+        not_terminal: jobs.iter().filter(|j| !j.status().is_terminal()).count(),
+        missing: ids.len() - jobs.len(),
+        failure_reasons,
+        daemons: plan.daemons,
+        kills: fleet.kills,
+        restarts: fleet.restarts,
+        exits: fleet.exits,
+        pg_restarts: 0,
+        api_requests,
+        faults_injected: state.faults_injected,
+        cloud: checks::cloud_findings(&state, &jobs, &instances),
+        reap: reap.into(),
+        stale_writes: checks::stale_writes(queue.pool()).await?,
+        wall: Duration::ZERO,
+        max_failed: plan.max_failed,
+        logs: None,
+    })
+}
