@@ -143,6 +143,7 @@ pub struct ChaosReport {
     pub missing: usize,
     /// The most frequent errors of failed jobs, with counts.
     pub failure_reasons: Vec<(String, usize)>,
+    pub failed_jobs: Vec<Uuid>,
     pub daemons: usize,
     pub kills: u32,
     pub restarts: u32,
@@ -375,9 +376,13 @@ pub async fn run(plan: &ChaosPlan, binary: &Path) -> anyhow::Result<ChaosReport>
     let outcome = chaos_and_drain(plan, &mut cluster, &mut fleet, &queue).await;
     sim.set_faults(Faults::default());
     tokio::task::block_in_place(|| fleet.stop_all(Duration::from_secs(10)));
-    let ids = outcome.with_context(|| format!("daemon logs in {}", logs.display()))?;
+    let (ids, pg_restarts) =
+        outcome.with_context(|| format!("daemon logs in {}", logs.display()))?;
     let mut report = verify(plan, &queue, &sim, &ids, &fleet).await?;
-    report.pg_restarts = plan.pg_restarts;
+    if !report.passed() {
+        write_diagnostics(&queue, &report, &logs).await;
+    }
+    report.pg_restarts = pg_restarts;
     report.wall = t0.elapsed();
     sim.shutdown().await;
     drop(fleet);
@@ -391,25 +396,26 @@ pub async fn run(plan: &ChaosPlan, binary: &Path) -> anyhow::Result<ChaosReport>
 }
 
 /// Enqueues the jobs in step with the kills, restarts PostgreSQL on schedule, then waits until
-/// every job has ended (or the drain timeout). Returns the ids of the jobs enqueued.
+/// every job has ended (or the drain timeout). Returns the ids of the jobs enqueued and the
+/// number of PostgreSQL restarts done.
 async fn chaos_and_drain(
     plan: &ChaosPlan,
     cluster: &mut PrivateCluster,
     fleet: &mut Fleet,
     queue: &Queue,
-) -> anyhow::Result<Vec<Uuid>> {
+) -> anyhow::Result<(Vec<Uuid>, u32)> {
     fleet.supervise()?;
     let mut ids = Vec::with_capacity(plan.jobs);
     let per_round = plan.jobs.div_ceil(plan.kills.max(1) as usize);
     let restart_at: Vec<u32> = (1..=plan.pg_restarts)
         .map(|i| i * plan.kills / (plan.pg_restarts + 1))
         .collect();
-    let mut restarts_done = 0;
+    let mut restarts_done = 0u32;
     for k in 0..plan.kills {
         enqueue_some(queue, &mut ids, per_round, plan.jobs).await?;
         let (lo, hi) = plan.kill_every;
         supervise_for(fleet, lo + (hi - lo).mul_f64(rand::random::<f64>())).await?;
-        while restarts_done < restart_at.len() && restart_at[restarts_done] <= k {
+        while (restarts_done as usize) < restart_at.len() && restart_at[restarts_done as usize] <= k {
             let mode = if restarts_done % 2 == 0 {
                 StopMode::Fast
             } else {
@@ -432,7 +438,7 @@ async fn chaos_and_drain(
     }
     enqueue_some(queue, &mut ids, plan.jobs, plan.jobs).await?;
     // Restarts scheduled for the end (e.g. with no kills) still happen.
-    while restarts_done < restart_at.len() {
+    while (restarts_done as usize) < restart_at.len() {
         tokio::task::block_in_place(|| cluster.restart(StopMode::Fast, Duration::from_secs(2)))?;
         restarts_done += 1;
     }
@@ -453,7 +459,7 @@ async fn chaos_and_drain(
             last_note = Instant::now();
         }
     }
-    Ok(ids)
+    Ok((ids, restarts_done))
 }
 
 /// Keeps the fleet alive (restarting killed or exited daemons) for `d`.
@@ -508,36 +514,78 @@ async fn enqueue_some(
     Ok(())
 }
 
-/// Transient faults on every API route, `rate` in all, spread over the kinds: each rule's
-/// probability is conditional on the earlier rules not firing (they are checked in order).
+/// Transient faults: `rate` of every API request fails with a 5xx, a 429 or a timeout (each
+/// rule's probability is conditional on the earlier ones not firing, as they are checked in
+/// order), and on top of that Hetzner's mutating calls meet a 409 `conflict` ("the resource has
+/// changed during the request, please retry") at `rate` × 5 %. Tailscale documents no such
+/// transient 409, so it gets none.
 pub fn fault_rules(rate: f64) -> Faults {
+    let conflict_on = [
+        "POST /v1/servers",
+        "DELETE /v1/servers/{id}",
+        "POST /v1/servers/{id}/actions/poweron",
+    ];
+    let mut rules: Vec<FaultRule> = conflict_on
+        .iter()
+        .map(|route| FaultRule {
+            route: (*route).into(),
+            fault: FaultKind::Conflict,
+            times: None,
+            probability: Some((rate * 0.05).clamp(0.0, 1.0)),
+        })
+        .collect();
     let shares = [
-        (FaultKind::ServerError, 0.25),
+        (FaultKind::ServerError, 0.3),
         (FaultKind::BadGateway, 0.2),
         (FaultKind::Unavailable, 0.2),
         (FaultKind::GatewayTimeout, 0.1),
         (FaultKind::Timeout, 0.1),
         (FaultKind::RateLimited, 0.1),
-        (FaultKind::Conflict, 0.05),
     ];
     let mut taken = 0.0_f64;
-    let rules = shares
-        .iter()
-        .map(|(kind, share)| {
-            let p = rate * share / (1.0 - taken).max(f64::MIN_POSITIVE);
-            taken += rate * share;
-            FaultRule {
-                route: "*".into(),
-                fault: *kind,
-                times: None,
-                probability: Some(p.clamp(0.0, 1.0)),
-            }
-        })
-        .collect();
+    for (kind, share) in shares {
+        let p = rate * share / (1.0 - taken).max(f64::MIN_POSITIVE);
+        taken += rate * share;
+        rules.push(FaultRule {
+            route: "*".into(),
+            fault: kind,
+            times: None,
+            probability: Some(p.clamp(0.0, 1.0)),
+        });
+    }
     Faults {
         rules,
         ..Faults::default()
     }
+}
+
+/// For a failed run: every failed or inconsistent job with its event timeline, and the stale
+/// writes, in `diagnostics.json` next to the daemons' logs (the database goes with its cluster).
+async fn write_diagnostics(queue: &Queue, report: &ChaosReport, dir: &Path) {
+    let suspects: Vec<Uuid> = report
+        .failed_jobs
+        .iter()
+        .copied()
+        .chain(report.cloud.inconsistencies.iter().filter_map(|line| {
+            line.split_whitespace()
+                .find_map(|w| Uuid::try_parse(w.trim_end_matches(':')).ok())
+        }))
+        .collect();
+    let mut jobs = Vec::new();
+    for id in suspects {
+        let job = queue.get(id).await.ok().flatten();
+        let events = queue.events(id).await.unwrap_or_default();
+        jobs.push(serde_json::json!({ "job": job, "events": events }));
+    }
+    let doc = serde_json::json!({
+        "inconsistencies": report.cloud.inconsistencies,
+        "stale_writes": report.stale_writes,
+        "jobs": jobs,
+    });
+    let _ = std::fs::write(
+        dir.join("diagnostics.json"),
+        serde_json::to_vec_pretty(&doc).unwrap_or_default(),
+    );
 }
 
 /// The final reap (no grace: every job has ended) and the checks.
@@ -605,6 +653,11 @@ async fn verify(
         not_terminal: jobs.iter().filter(|j| !j.status().is_terminal()).count(),
         missing: ids.len() - jobs.len(),
         failure_reasons,
+        failed_jobs: jobs
+            .iter()
+            .filter(|j| j.status() == crate::domain::JobStatus::Failed)
+            .map(|j| j.id)
+            .collect(),
         daemons: plan.daemons,
         kills: fleet.kills,
         restarts: fleet.restarts,
