@@ -361,8 +361,17 @@ async fn chaos(args: &provisiond::chaos::ChaosArgs) -> anyhow::Result<String> {
     let text = report.render();
     if !report.passed() {
         print!("{text}");
-        let failed: Vec<&str> = report.checks().iter().filter(|c| !c.ok).map(|c| c.name).collect();
-        anyhow::bail!("chaos: {} checks failed: {}", failed.len(), failed.join(", "));
+        let failed: Vec<&str> = report
+            .checks()
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name)
+            .collect();
+        anyhow::bail!(
+            "chaos: {} checks failed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
     }
     Ok(text)
 }

@@ -21,7 +21,10 @@ async fn the_short_chaos_suite_passes_every_check() {
     let text = report.render();
     println!("{text}");
     assert_eq!(report.jobs, plan.jobs, "{text}");
-    assert_eq!(report.kills, plan.kills, "every planned kill -9 happened\n{text}");
+    assert_eq!(
+        report.kills, plan.kills,
+        "every planned kill -9 happened\n{text}"
+    );
     assert!(report.pg_restarts >= 1, "{text}");
     assert!(
         report.faults_injected * 10 >= report.api_requests,
@@ -120,7 +123,10 @@ async fn stale_write_behind_a_reclaim(s: &Scene, stale_sql: &str) -> usize {
         }
         tokio::task::yield_now().await;
     }
-    assert!(waiting, "A's statement never blocked behind B's transaction");
+    assert!(
+        waiting,
+        "A's statement never blocked behind B's transaction"
+    );
     b.batch_execute("COMMIT").await.unwrap();
     stale.await.unwrap().unwrap()
 }
@@ -152,12 +158,18 @@ WHERE id = '$JOB' AND lease_token = '$TOKEN' AND status = 'provisioning'";
 async fn the_detector_records_a_write_decided_on_a_lease_that_changed_hands_while_it_waited() {
     let s = scene().await;
     let written = stale_write_behind_a_reclaim(&s, FENCED_IN_CTE_ONLY).await;
-    assert_eq!(written, 1, "the stale write landed (the bug the detector must see)");
+    assert_eq!(
+        written, 1,
+        "the stale write landed (the bug the detector must see)"
+    );
     assert_eq!(
         recorded(&s.db, "decided on a lease the row no longer has").await,
         1
     );
-    assert_eq!(s.db.count("SELECT count(*) FROM chaos_stale_writes").await, 1);
+    assert_eq!(
+        s.db.count("SELECT count(*) FROM chaos_stale_writes").await,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +177,10 @@ async fn the_detector_records_nothing_when_the_stale_write_is_fenced_in_its_upda
     let s = scene().await;
     let written = stale_write_behind_a_reclaim(&s, FENCED_IN_UPDATE).await;
     assert_eq!(written, 0);
-    assert_eq!(s.db.count("SELECT count(*) FROM chaos_stale_writes").await, 0);
+    assert_eq!(
+        s.db.count("SELECT count(*) FROM chaos_stale_writes").await,
+        0
+    );
     assert_eq!(
         s.db.count("SELECT count(*) FROM provisioning_jobs WHERE status = 'provisioning' AND lease_owner = 'b'")
             .await,

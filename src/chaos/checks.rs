@@ -17,9 +17,7 @@ use uuid::Uuid;
 pub const STALE_WRITE_DETECTOR_SQL: &str = include_str!("stale_writes.sql");
 
 /// Installs the stale-write detector on the database at `url` (after its migrations).
-pub async fn install_stale_write_detector(
-    url: &crate::secret::Secret,
-) -> Result<(), DbError> {
+pub async fn install_stale_write_detector(url: &crate::secret::Secret) -> Result<(), DbError> {
     let mut conn = db::establish(url, std::time::Duration::from_secs(10)).await?;
     conn.batch_execute(STALE_WRITE_DETECTOR_SQL)
         .await
@@ -51,6 +49,44 @@ pub async fn stale_writes(pool: &Pool) -> Result<Vec<StaleWrite>, DbError> {
     )
     .load(&mut conn)
     .await?)
+}
+
+/// Attempts that ended in a retry, by cause: a lease that ran out (its daemon was killed, or
+/// could not reach PostgreSQL), a cloud API error, anything else (e.g. the database).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Retries {
+    pub lease_expired: i64,
+    pub cloud_error: i64,
+    pub other: i64,
+}
+
+pub async fn retries(pool: &Pool) -> Result<Retries, DbError> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        lease_expired: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        cloud_error: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        other: i64,
+    }
+    let mut conn = pool.get().await?;
+    let r: Row = diesel::sql_query(
+        "SELECT count(*) FILTER (WHERE e LIKE 'lease expired%') AS lease_expired,
+                count(*) FILTER (WHERE e NOT LIKE 'lease expired%'
+                                 AND e ~* '(hetzner|tailscale)') AS cloud_error,
+                count(*) FILTER (WHERE e NOT LIKE 'lease expired%'
+                                 AND e !~* '(hetzner|tailscale)') AS other
+         FROM (SELECT coalesce(data->>'error', '') AS e FROM job_events
+               WHERE message = 'retry scheduled') s",
+    )
+    .get_result(&mut conn)
+    .await?;
+    Ok(Retries {
+        lease_expired: r.lease_expired,
+        cloud_error: r.cloud_error,
+        other: r.other,
+    })
 }
 
 pub async fn instances(pool: &Pool, jobs: &[Uuid]) -> Result<Vec<AgentInstance>, DbError> {
@@ -158,7 +194,10 @@ fn inconsistencies(state: &SimState, jobs: &[Job], instances: &[AgentInstance]) 
         match job.status() {
             JobStatus::Running => {
                 let Some(i) = instance.filter(|i| i.status == "running") else {
-                    out.push(format!("job {} is running without a running instance", job.id));
+                    out.push(format!(
+                        "job {} is running without a running instance",
+                        job.id
+                    ));
                     continue;
                 };
                 let server = i
@@ -175,10 +214,9 @@ fn inconsistencies(state: &SimState, jobs: &[Job], instances: &[AgentInstance]) 
                         "job {}: instance says {:?} at {:?}, the cloud has {} at {:?}",
                         job.id, i.server_id, i.server_ip, s.name, s.ipv4
                     )),
-                    Some(s) if s.status != ServerStatus::Running => out.push(format!(
-                        "job {}: server {} is {:?}",
-                        job.id, s.id, s.status
-                    )),
+                    Some(s) if s.status != ServerStatus::Running => {
+                        out.push(format!("job {}: server {} is {:?}", job.id, s.id, s.status))
+                    }
                     Some(_) => {}
                 }
                 let device = state.devices.iter().find(|d| {

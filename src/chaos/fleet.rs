@@ -59,7 +59,10 @@ impl Fleet {
             ),
             ("PROVISIOND__WORKER__CLAIM_BATCH", "8".into()),
             ("PROVISIOND__WORKER__POLL_INTERVAL", "500ms".into()),
-            ("PROVISIOND__WORKER__HEARTBEAT_INTERVAL", ms(settings.heartbeat)),
+            (
+                "PROVISIOND__WORKER__HEARTBEAT_INTERVAL",
+                ms(settings.heartbeat),
+            ),
             ("PROVISIOND__WORKER__SHUTDOWN_GRACE", "2s".into()),
             ("PROVISIOND__QUEUE__LEASE_TTL", ms(settings.lease_ttl)),
             ("PROVISIOND__QUEUE__BACKOFF_BASE", "250ms".into()),

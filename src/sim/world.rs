@@ -349,7 +349,10 @@ impl World {
             return;
         }
         key.uses += 1;
-        *self.enrollments_by_hostname.entry(hostname.clone()).or_default() += 1;
+        *self
+            .enrollments_by_hostname
+            .entry(hostname.clone())
+            .or_default() += 1;
         let (tags, ephemeral, authorized, key_id) = (
             key.tags.clone(),
             key.ephemeral,
