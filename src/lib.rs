@@ -6,6 +6,7 @@
 pub mod app;
 pub mod bench;
 pub mod bench_http;
+pub mod chaos;
 pub mod clients;
 pub mod config;
 pub mod db;

@@ -63,6 +63,10 @@ enum Command {
     CheckConfig,
     /// Run the Hetzner Cloud + Tailscale API simulator.
     Sim(Box<provisiond::sim::SimArgs>),
+    /// The reliability suite: several `serve` processes against the simulator and a private
+    /// PostgreSQL cluster, `kill -9`s, PostgreSQL restarts and cloud faults, then a reap and
+    /// checks (see BENCHMARKS.md). Exits non-zero when a check fails.
+    Chaos(provisiond::chaos::ChaosArgs),
     /// Measure (see BENCHMARKS.md). Uses a scratch database on the configured server.
     Bench {
         #[command(subcommand)]
@@ -109,7 +113,12 @@ macro_rules! w {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    telemetry::init();
+    if matches!(cli.command, Command::Chaos(_)) {
+        // The in-process simulator's server logs every connection a killed daemon cut.
+        telemetry::init_with_default("info,warp::server=off");
+    } else {
+        telemetry::init();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -143,6 +152,9 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
     if let Command::Sim(args) = cli.command {
         provisiond::sim::run(*args).await?;
         return Ok(out);
+    }
+    if let Command::Chaos(args) = &cli.command {
+        return chaos(args).await;
     }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
@@ -331,7 +343,35 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 out = provisiond::bench_http::http(config.database_url()?, args).await?;
             }
         },
-        Command::Sim(_) => unreachable!("handled above"),
+        Command::Sim(_) | Command::Chaos(_) => unreachable!("handled above"),
     }
     Ok(out)
+}
+
+/// `provisiond chaos`: needs no config (it builds its own cluster and simulator). On SIGTERM or
+/// ctrl-c the run is dropped, which stops its daemons and its cluster.
+async fn chaos(args: &provisiond::chaos::ChaosArgs) -> anyhow::Result<String> {
+    let plan = provisiond::chaos::ChaosPlan::from_args(args)?;
+    let exe = std::env::current_exe().context("find the provisiond binary")?;
+    let stop = app::shutdown_on_signals();
+    let report = tokio::select! {
+        r = provisiond::chaos::run(&plan, &exe) => r?,
+        _ = stop.cancelled() => anyhow::bail!("interrupted; its daemons and cluster were stopped"),
+    };
+    let text = report.render();
+    if !report.passed() {
+        print!("{text}");
+        let failed: Vec<&str> = report
+            .checks()
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name)
+            .collect();
+        anyhow::bail!(
+            "chaos: {} checks failed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
+    Ok(text)
 }

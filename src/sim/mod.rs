@@ -319,6 +319,15 @@ pub struct SimState {
     /// The most recent requests (up to 20,000), oldest first.
     pub log: Vec<RequestRecord>,
     pub faults: Faults,
+    /// API requests answered with an injected fault (a `timeout` counts once, when it fires).
+    #[serde(default)]
+    pub faults_injected: u64,
+    /// Servers ever created, by name (deleted ones included).
+    #[serde(default)]
+    pub creates_by_name: BTreeMap<String, u32>,
+    /// Devices ever enrolled, by hostname (deleted ones included).
+    #[serde(default)]
+    pub enrollments_by_hostname: BTreeMap<String, u32>,
 }
 
 impl SimState {
@@ -341,6 +350,7 @@ impl SimState {
 struct Stats {
     counts: HashMap<&'static str, HashMap<u16, u64>>,
     total: u64,
+    faults_injected: u64,
     log: VecDeque<RequestRecord>,
     rate_limited: Vec<RateLimitedRecord>,
 }
@@ -382,7 +392,7 @@ impl Sim {
     }
 
     fn snapshot(&self) -> SimState {
-        let (servers, devices, keys, faults) = {
+        let (servers, devices, keys, faults, creates_by_name, enrollments_by_hostname) = {
             let mut w = self.world();
             w.advance(Utc::now());
             (
@@ -390,6 +400,8 @@ impl Sim {
                 w.devices.clone(),
                 w.keys.values().cloned().collect(),
                 w.faults.clone(),
+                w.creates_by_name.clone(),
+                w.enrollments_by_hostname.clone(),
             )
         };
         let st = lock(&self.stats);
@@ -406,6 +418,9 @@ impl Sim {
             rate_limited: st.rate_limited.clone(),
             log: st.log.iter().cloned().collect(),
             faults,
+            faults_injected: st.faults_injected,
+            creates_by_name,
+            enrollments_by_hostname,
         }
     }
 
@@ -458,6 +473,7 @@ impl Sim {
         {
             let mut st = lock(&self.stats);
             st.total += 1;
+            st.faults_injected += u64::from(fault.is_some());
             *st.counts
                 .entry(route)
                 .or_default()

@@ -118,6 +118,10 @@ pub struct World {
     pub actions: BTreeMap<i64, SimAction>,
     pub keys: BTreeMap<String, SimKey>,
     pub devices: Vec<SimDevice>,
+    /// Servers ever created, by name, and devices ever enrolled, by hostname: a duplicate shows
+    /// here even after it was deleted again (the chaos suite counts them).
+    pub creates_by_name: BTreeMap<String, u32>,
+    pub enrollments_by_hostname: BTreeMap<String, u32>,
     /// Tailscale OAuth access tokens and when they expire.
     pub ts_tokens: HashMap<String, DateTime<Utc>>,
     events: BinaryHeap<Reverse<(DateTime<Utc>, u64, Event)>>,
@@ -144,6 +148,8 @@ impl World {
             actions: BTreeMap::new(),
             keys: BTreeMap::new(),
             devices: Vec::new(),
+            creates_by_name: BTreeMap::new(),
+            enrollments_by_hostname: BTreeMap::new(),
             ts_tokens: HashMap::new(),
             events: BinaryHeap::new(),
             seq: 0,
@@ -199,6 +205,7 @@ impl World {
         self.next_server_id += 1;
         let n = id - 100_000_000;
         let broken = self.faults.fail_actions;
+        *self.creates_by_name.entry(name.clone()).or_default() += 1;
         self.servers.insert(
             id,
             SimServer {
@@ -342,6 +349,10 @@ impl World {
             return;
         }
         key.uses += 1;
+        *self
+            .enrollments_by_hostname
+            .entry(hostname.clone())
+            .or_default() += 1;
         let (tags, ephemeral, authorized, key_id) = (
             key.tags.clone(),
             key.ephemeral,

@@ -225,40 +225,97 @@ async fn shutdown_hands_leases_back_without_spending_an_attempt() {
     );
 }
 
+/// Holds its job until its stop token fires, reports that, then waits for the test to release it
+/// before trying one more fenced write. While it waits, a worker with one slot cannot claim.
+struct HoldUntilReleased {
+    stopped: tokio::sync::mpsc::UnboundedSender<Uuid>,
+    release: Arc<tokio::sync::Semaphore>,
+    outcomes: tokio::sync::mpsc::UnboundedSender<Outcome>,
+}
+
+impl JobHandler for HoldUntilReleased {
+    fn run(&self, ctx: JobContext) -> BoxFuture<'static, Outcome> {
+        let (stopped, release, outcomes) = (
+            self.stopped.clone(),
+            self.release.clone(),
+            self.outcomes.clone(),
+        );
+        async move {
+            ctx.stop.cancelled().await;
+            let _ = stopped.send(ctx.job.id);
+            if let Ok(permit) = release.acquire().await {
+                permit.forget();
+            }
+            let outcome = match ctx
+                .checkpoint("vm_created", "after stop", serde_json::json!({}))
+                .await
+            {
+                Err(provisiond::queue::QueueError::LeaseLost(_)) => Outcome::LeaseLost,
+                _ => Outcome::Interrupted,
+            };
+            let _ = outcomes.send(outcome.clone());
+            outcome
+        }
+        .boxed()
+    }
+}
+
+/// Waits for an event the test cannot otherwise order; the bound only keeps a broken build from
+/// hanging, it is not a timing claim.
+async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no {what}"))
+        .unwrap_or_else(|| panic!("channel closed before {what}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_lease_is_lost_is_stopped_and_left_to_its_new_owner() {
     let db = TestDb::new().await;
     let q = Queue::new(db.pool().await, queue_settings());
-    let outcomes = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let handler = Arc::new(Hold {
-        started: Default::default(),
-        outcomes: outcomes.clone(),
+    let (stopped_tx, mut stopped) = tokio::sync::mpsc::unbounded_channel();
+    let (outcome_tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = Arc::new(HoldUntilReleased {
+        stopped: stopped_tx,
+        release: release.clone(),
+        outcomes: outcome_tx,
     });
     let mut settings = worker_settings("w-stale");
     settings.heartbeat_interval = Duration::from_millis(200);
+    // One slot, held by the job until the test releases it: the NOTIFY that the sweep and the
+    // requeue send cannot make this worker claim the job back before "w-new" does.
+    settings.concurrency = 1;
+    settings.claim_batch = 1;
     let w = start(&db, &q, handler, settings);
     let id = q.enqueue(&new_job()).await.unwrap().job().id;
     wait_for_status(&q, id, JobStatus::Provisioning, Duration::from_secs(10)).await;
 
-    // Another process reclaims the job behind this worker's back (as after a long pause).
-    db.exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
-        .await;
-    q.sweep().await.unwrap();
+    // Another process reclaims the job behind this worker's back (as after a long pause). A
+    // heartbeat that lands between our expiry and the sweep renews the lease, so expire and
+    // sweep until the sweep takes the job (it wins within a try or two).
+    let mut swept = false;
+    for _ in 0..100 {
+        db.exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
+            .await;
+        if q.sweep().await.unwrap().retried.contains(&id) {
+            swept = true;
+            break;
+        }
+    }
+    assert!(swept, "the sweep never found the lease expired");
     db.exec("UPDATE provisioning_jobs SET run_after = now()")
         .await;
     let other = q.claim("w-new", 1).await.unwrap();
     assert_eq!(other.len(), 1);
 
     // The next heartbeat notices; the handler is stopped and its write is refused.
-    let t0 = Instant::now();
-    while outcomes.lock().unwrap().is_empty() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "handler was not stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(outcomes.lock().unwrap()[0], Outcome::LeaseLost);
+    assert_eq!(next(&mut stopped, "stop of the stale job").await, id);
+    release.add_permits(1);
+    assert_eq!(
+        next(&mut outcomes, "outcome of the stale job").await,
+        Outcome::LeaseLost
+    );
     let report = w.stop().await;
     assert_eq!(report.handed_back, 0, "a lost lease is not handed back");
     let j = q.get(id).await.unwrap().unwrap();

@@ -245,17 +245,10 @@ fn start_throwaway_cluster() -> String {
     if std::net::TcpStream::connect(("127.0.0.1", CLUSTER_PORT)).is_ok() {
         return url;
     }
-    let bin = postgres_bindir();
-    let as_root = running_as_root();
+    let bin = provisiond::chaos::cluster::postgres_bindir().unwrap_or_else(|e| panic!("{e}"));
+    let as_root = provisiond::chaos::cluster::running_as_root();
     let run = |program: &str, args: &[&str]| {
-        let exe = bin.join(program);
-        let mut cmd = if as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
-            c
-        } else {
-            Command::new(&exe)
-        };
+        let mut cmd = provisiond::chaos::cluster::postgres_command(&bin.join(program), as_root);
         let out = cmd
             .args(args)
             .output()
@@ -309,33 +302,4 @@ fn start_throwaway_cluster() -> String {
         ],
     );
     url
-}
-
-fn postgres_bindir() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.retain(|d| d.join("initdb").exists());
-    // Highest version last.
-    dirs.sort_by_key(|d| {
-        d.parent()
-            .and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(0)
-    });
-    dirs.pop()
-        .expect("no PostgreSQL server binaries under /usr/lib/postgresql (install `postgresql`)")
-}
-
-fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
