@@ -1,7 +1,6 @@
 //! The reliability suite's short version, and its stale-write detector proved on its own: two
 //! connections interleaved on purpose, a stale write blocked behind the new owner's transaction.
 
-mod support;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use provisiond::chaos::{ChaosPlan, checks};
@@ -9,7 +8,7 @@ use provisiond::queue::{Fence, NewJob, Queue, QueueError, QueueSettings, StepFie
 use provisiond::secret::Secret;
 use std::path::Path;
 use std::time::Duration;
-use support::TestDb;
+use crate::support::TestDb;
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
