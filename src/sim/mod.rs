@@ -600,6 +600,7 @@ pub(crate) fn route_key(method: &Method, path: &str) -> (Api, &'static str) {
         ("GET", ["v1", "locations"]) => "GET /v1/locations",
         ("POST", ["api", "v2", "oauth", "token"]) => "POST /api/v2/oauth/token",
         ("POST", ["api", "v2", "tailnet", _, "keys"]) => "POST /api/v2/tailnet/{tailnet}/keys",
+        ("GET", ["api", "v2", "tailnet", _, "keys"]) => "GET /api/v2/tailnet/{tailnet}/keys",
         ("GET", ["api", "v2", "tailnet", _, "keys", _]) => {
             "GET /api/v2/tailnet/{tailnet}/keys/{id}"
         }
