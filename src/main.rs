@@ -339,7 +339,10 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 );
                 w!(out, "tailscale: OAuth client accepted");
             } else {
-                w!(out, "clouds: not checked (no provisioning worker configured)");
+                w!(
+                    out,
+                    "clouds: not checked (no provisioning worker configured)"
+                );
             }
         }
         Command::Bench { command } => match command {

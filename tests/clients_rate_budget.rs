@@ -5,10 +5,10 @@
 
 use provisiond::clients::hetzner::{CreateServerRequest, HetznerClient};
 use provisiond::clients::rate_budget::RateBudget;
-use std::sync::Arc;
 use provisiond::secret::Secret;
 use provisiond::sim::{SimConfig, SimHandle, SimState, Simulator};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// 10 requests per second refill, at most 5 at once.
@@ -189,7 +189,10 @@ async fn a_429_stalls_the_next_request_for_one_refill_not_until_the_bucket_is_fu
     let stall = grants[0];
     eprintln!("stall after a 429 at 3600/h: {stall:?}");
     // One request refills in 1 s at 3600/h; the reset (bucket full) would be an hour away.
-    assert!(stall >= Duration::from_millis(999), "{stall:?}: sent into an empty bucket");
+    assert!(
+        stall >= Duration::from_millis(999),
+        "{stall:?}: sent into an empty bucket"
+    );
     assert!(stall < Duration::from_secs(2), "{stall:?}");
     let grants = grants_after_a_429(7200).await;
     assert!(grants[0] >= Duration::from_millis(499) && grants[0] < Duration::from_secs(2));
@@ -219,7 +222,10 @@ async fn no_token_is_handed_out_while_the_budget_is_empty() {
         tokio::spawn(async move { b.acquire().await })
     };
     tokio::time::sleep(Duration::from_millis(990)).await;
-    assert!(!waiter.is_finished(), "a request went out before a token refilled");
+    assert!(
+        !waiter.is_finished(),
+        "a request went out before a token refilled"
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(waiter.is_finished());
 }

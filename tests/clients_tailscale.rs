@@ -215,7 +215,11 @@ async fn a_429_on_a_read_waits_for_retry_after_but_a_key_create_is_not_retried()
     h.set_faults(fault(DEVICES, FaultKind::BadGateway));
     let before = h.state().count(DEVICES);
     c.list_devices(&DeviceFilter::default()).await.unwrap();
-    assert_eq!(h.state().count(DEVICES), before + 2, "a 502 on a read is retried");
+    assert_eq!(
+        h.state().count(DEVICES),
+        before + 2,
+        "a 502 on a read is retried"
+    );
     h.shutdown().await;
 }
 
@@ -270,7 +274,11 @@ async fn every_idempotent_call_is_retried_through_5xx_and_timeouts() {
     c.delete_device("nNOSUCHCNTRL").await.unwrap();
     let st = h.state();
     assert!(st.keys.iter().all(|k| k.revoked.is_some()));
-    assert_eq!(st.count_status(REVOKE, 200), 2, "the timed-out revoke happened and was repeated");
+    assert_eq!(
+        st.count_status(REVOKE, 200),
+        2,
+        "the timed-out revoke happened and was repeated"
+    );
     h.shutdown().await;
 }
 
@@ -319,7 +327,10 @@ async fn keys_are_found_by_description_from_a_listing_of_ids() {
     assert_eq!(found[0].id, a.id);
     assert!(!found[0].invalid && found[0].created.is_some());
     assert!(c.keys_described("pv-job-c").await.unwrap().is_empty());
-    assert_eq!(c.get_key(&a2.id).await.unwrap().map(|k| k.invalid), Some(true));
+    assert_eq!(
+        c.get_key(&a2.id).await.unwrap().map(|k| k.invalid),
+        Some(true)
+    );
     assert_eq!(c.get_key("kNOSUCHKEYCNTRL").await.unwrap(), None);
     h.shutdown().await;
 }
@@ -339,10 +350,20 @@ async fn a_wrong_oauth_credential_is_one_definitive_error_and_a_transient_one_is
     assert!(e.is_bad_credential(), "{e:?}");
     assert!(!e.is_retryable());
     let line = e.to_string();
-    assert!(line.contains("OAuth client rejected") && !line.contains("wrong"), "{line}");
-    assert_eq!(h.state().count(TOKEN), 1, "a refused credential is not asked again");
+    assert!(
+        line.contains("OAuth client rejected") && !line.contains("wrong"),
+        "{line}"
+    );
+    assert_eq!(
+        h.state().count(TOKEN),
+        1,
+        "a refused credential is not asked again"
+    );
 
-    h.set_faults(rules(&[(TOKEN, FaultKind::ServerError), (TOKEN, FaultKind::BadGateway)]));
+    h.set_faults(rules(&[
+        (TOKEN, FaultKind::ServerError),
+        (TOKEN, FaultKind::BadGateway),
+    ]));
     let right = quick(&h);
     right.check_credentials(&patience).await.unwrap();
     assert_eq!(h.state().count(TOKEN), 4);

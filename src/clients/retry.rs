@@ -88,9 +88,7 @@ where
             Verdict::Backoff => policy.delay(attempt),
             Verdict::After(d) => d.min(policy.cap),
         };
-        if attempt >= policy.max_retries
-            || deadline.is_some_and(|d| Instant::now() + wait >= d)
-        {
+        if attempt >= policy.max_retries || deadline.is_some_and(|d| Instant::now() + wait >= d) {
             return Err(err);
         }
         attempt += 1;

@@ -97,7 +97,9 @@ pub enum TailscaleError {
         retry_after: Option<Duration>,
     },
     /// The token endpoint refused the OAuth client (400/401/403).
-    #[error("tailscale OAuth client rejected: {message} (HTTP {status}); check tailscale.client_id and tailscale.client_secret_file")]
+    #[error(
+        "tailscale OAuth client rejected: {message} (HTTP {status}); check tailscale.client_id and tailscale.client_secret_file"
+    )]
     Credentials { status: u16, message: String },
     /// No usable response. For a key create, `outcome_unknown` means a key may exist: find it
     /// by its description and revoke it before minting another.
@@ -634,7 +636,14 @@ impl TailscaleClient {
             return once().await;
         }
         let what = format!("tailscale {method} {}", super::endpoint_label(path));
-        retry(&self.retry, None, &what, once, TailscaleError::retry_verdict).await
+        retry(
+            &self.retry,
+            None,
+            &what,
+            once,
+            TailscaleError::retry_verdict,
+        )
+        .await
     }
 
     async fn send_once(

@@ -403,7 +403,11 @@ where
         }
     };
     let what_failed = format!("rollback: {what}");
-    match retry(&policy, Some(until), &what_failed, once, |_| Verdict::Backoff).await {
+    match retry(&policy, Some(until), &what_failed, once, |_| {
+        Verdict::Backoff
+    })
+    .await
+    {
         Ok(v) => Some(v),
         Err(e) => {
             tracing::error!(error = %e, "rollback: gave up on {what}; the reaper will clean up");

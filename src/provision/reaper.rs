@@ -171,9 +171,8 @@ pub async fn reap(
     for k in &keys {
         let job = job_of_hostname(&k.description).and_then(|id| jobs.get(&id));
         let recorded = job.and_then(|j| j.tailscale_key_id.as_deref());
-        let live = job.is_some_and(|j| {
-            matches!(j.status(), JobStatus::Queued | JobStatus::Provisioning)
-        });
+        let live =
+            job.is_some_and(|j| matches!(j.status(), JobStatus::Queued | JobStatus::Provisioning));
         if live && recorded == Some(k.id.as_str()) {
             continue;
         }

@@ -37,7 +37,9 @@ pub fn label_key_ok(k: &str) -> Result<(), String> {
             && prefix.split('.').all(|part| {
                 !part.is_empty()
                     && part.len() <= 63
-                    && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
                     && !part.starts_with('-')
                     && !part.ends_with('-')
             });
@@ -45,7 +47,9 @@ pub fn label_key_ok(k: &str) -> Result<(), String> {
             return Err(format!("label key '{k}' has an invalid prefix"));
         }
         if prefix == "hetzner.cloud" || prefix.ends_with(".hetzner.cloud") {
-            return Err(format!("label key '{k}': the hetzner.cloud/ prefix is reserved"));
+            return Err(format!(
+                "label key '{k}': the hetzner.cloud/ prefix is reserved"
+            ));
         }
     }
     if !label_name_ok(name) {
