@@ -319,6 +319,10 @@ pub struct SimState {
     /// The most recent requests (up to 20,000), oldest first.
     pub log: Vec<RequestRecord>,
     pub faults: Faults,
+    /// Injected faults that fired, by kind (`500`, `timeout`, …): a `timeout` is counted here
+    /// and under its route's real status in `requests`, since the work was done.
+    #[serde(default)]
+    pub faults_fired: BTreeMap<String, u64>,
 }
 
 impl SimState {
@@ -343,6 +347,7 @@ struct Stats {
     total: u64,
     log: VecDeque<RequestRecord>,
     rate_limited: Vec<RateLimitedRecord>,
+    faults_fired: BTreeMap<String, u64>,
 }
 
 struct Bucket {
@@ -406,6 +411,7 @@ impl Sim {
             rate_limited: st.rate_limited.clone(),
             log: st.log.iter().cloned().collect(),
             faults,
+            faults_fired: st.faults_fired.clone(),
         }
     }
 
@@ -447,6 +453,13 @@ impl Sim {
         };
 
         let fault = self.world().faults.fire(route);
+        if let Some(kind) = fault {
+            let name = serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            *lock(&self.stats).faults_fired.entry(name).or_default() += 1;
+        }
         let reply = match api {
             Api::Hetzner => self.hetzner(route, &req, fault, &client),
             _ => match fault {
