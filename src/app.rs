@@ -1,13 +1,18 @@
 //! Wiring for `provisiond serve`: the pool, the queue, the worker, the scheduled sweep, and the
 //! order in which they stop.
 //!
-//! Shutdown order: stop claiming → let jobs reach a checkpoint → hand leases back → stop the
-//! scheduler. systemd is told READY once migrations ran and the pool is up, and STOPPING when
-//! the drain begins; the watchdog is pinged while the process is healthy.
+//! Startup: the clouds are checked first (the server type against Hetzner, the OAuth client
+//! against Tailscale); a transient error there is retried with backoff and logged, only a
+//! definitive answer (401, an unknown or deprecated type, a refused OAuth client) stops the
+//! process. Shutdown order: stop claiming → let jobs reach a checkpoint → hand leases back →
+//! stop the scheduler. systemd is told READY once the checks passed, migrations ran and the
+//! pool is up, and STOPPING when the drain begins; the watchdog is pinged while the process is
+//! healthy.
 
 use crate::clients::hetzner::{HetznerClient, HetznerConfig};
+use crate::clients::retry::{RetryPolicy, Verdict, retry};
 use crate::clients::tailscale::{TailscaleClient, TailscaleConfig};
-use crate::config::{Config, HandlerKind};
+use crate::config::{Config, HandlerKind, Regions};
 use crate::db;
 use crate::provision::watch::WatchSettings;
 use crate::provision::{ProvisionSettings, Provisioner, reaper, usable_regions};
@@ -62,13 +67,62 @@ pub fn clients(config: &Config) -> anyhow::Result<(HetznerClient, TailscaleClien
     Ok((HetznerClient::new(h), TailscaleClient::new(t)))
 }
 
-/// The provisioning handler, after the startup check of the server type.
-pub async fn provisioner(config: &Config) -> anyhow::Result<Provisioner> {
+/// How long `serve` keeps asking the clouds at startup: until they answer (or SIGTERM).
+pub const SERVE_STARTUP_PATIENCE: RetryPolicy = RetryPolicy {
+    base: Duration::from_secs(1),
+    cap: Duration::from_secs(30),
+    max_retries: u32::MAX,
+};
+
+/// `check-config` and one-shot commands ask a few times, then report the last error.
+pub const CLI_PATIENCE: RetryPolicy = RetryPolicy {
+    base: Duration::from_secs(1),
+    cap: Duration::from_secs(8),
+    max_retries: 3,
+};
+
+/// Checks both clouds: the server type (returns the usable regions) and the Tailscale OAuth
+/// client (a token request). Transient errors are retried by `patience` and logged; a
+/// definitive answer is an error at once, one line naming what to fix.
+pub async fn check_clouds(
+    hetzner: &HetznerClient,
+    tailscale: &TailscaleClient,
+    settings: &ProvisionSettings,
+    patience: &RetryPolicy,
+) -> anyhow::Result<Regions> {
+    let regions = retry(
+        patience,
+        None,
+        "startup check of hetzner.server_type",
+        || usable_regions(hetzner, settings),
+        |e| {
+            if e.transient() {
+                tracing::warn!(error = %e, "startup check of hetzner.server_type: transient error; retrying");
+                Verdict::Backoff
+            } else {
+                Verdict::Stop
+            }
+        },
+    )
+    .await
+    .context("startup check of hetzner.server_type")?;
+    tailscale
+        .check_credentials(patience)
+        .await
+        .inspect_err(|e| {
+            if e.is_retryable() {
+                tracing::warn!(error = %e, "startup check of the tailscale OAuth client: still failing");
+            }
+        })
+        .context("startup check of the tailscale OAuth client")?;
+    Ok(regions)
+}
+
+/// The provisioning handler, after the startup checks of both clouds.
+pub async fn provisioner(config: &Config, patience: &RetryPolicy) -> anyhow::Result<Provisioner> {
     let (hetzner, tailscale) = clients(config)?;
     let mut settings = ProvisionSettings::from_config(config);
-    settings.regions = usable_regions(&hetzner, &settings)
-        .await
-        .context("startup check of hetzner.server_type")?;
+    settings.regions = check_clouds(&hetzner, &tailscale, &settings, patience).await?;
     Ok(Provisioner::new(
         hetzner,
         tailscale,
@@ -93,7 +147,7 @@ async fn handler_for(
             ))
         }
         HandlerKind::Provision => {
-            let p = provisioner(config).await?;
+            let p = provisioner(config, &SERVE_STARTUP_PATIENCE).await?;
             Ok((Arc::new(p.clone()), Some(p)))
         }
     }
@@ -102,7 +156,14 @@ async fn handler_for(
 /// Runs the daemon until `shutdown` fires.
 pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (handler, provisioner) = if config.worker.enabled {
-        let (h, p) = handler_for(&config).await?;
+        // SIGTERM during the startup checks (a cloud that stays down) stops cleanly.
+        let (h, p) = tokio::select! {
+            r = handler_for(&config) => r?,
+            _ = shutdown.cancelled() => {
+                tracing::info!("stopped during the startup checks");
+                return Ok(());
+            }
+        };
         (Some(h), p)
     } else {
         (None, None)
@@ -202,10 +263,14 @@ async fn schedule_reaper(
                 grace,
             )
             .await;
-            if !r.servers_deleted.is_empty() || !r.devices_deleted.is_empty() {
+            if !r.servers_deleted.is_empty()
+                || !r.devices_deleted.is_empty()
+                || !r.keys_revoked.is_empty()
+            {
                 tracing::warn!(
                     servers = r.servers_deleted.len(),
                     devices = r.devices_deleted.len(),
+                    keys = r.keys_revoked.len(),
                     "reaper pass"
                 );
             }

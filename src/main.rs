@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use provisiond::config::Config;
+use provisiond::config::{Config, HandlerKind};
 use provisiond::domain::{Executor, JobStatus};
 use provisiond::queue::NewJob;
 use provisiond::{app, telemetry};
@@ -287,7 +287,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Reap => {
             let queue = app::open_queue(&config, false).await?;
-            let p = app::provisioner(&config).await?;
+            let p = app::provisioner(&config, &app::CLI_PATIENCE).await?;
             let report = provisiond::provision::reaper::reap(
                 &queue,
                 p.hetzner(),
@@ -331,6 +331,31 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                     "up to date"
                 }
             );
+            if config.worker.enabled && config.worker.handler == HandlerKind::Provision {
+                // What `serve` checks before it says READY, so that a wrong credential is found
+                // here rather than by the first job.
+                let (hetzner, tailscale) = app::clients(&config)?;
+                let settings = provisiond::provision::ProvisionSettings::from_config(&config);
+                let regions =
+                    app::check_clouds(&hetzner, &tailscale, &settings, &app::CLI_PATIENCE).await?;
+                w!(
+                    out,
+                    "hetzner: token accepted; server type {} usable in {}",
+                    settings.server_type,
+                    regions
+                        .0
+                        .iter()
+                        .map(|(r, l)| format!("{r} ({})", l.join(", ")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                w!(out, "tailscale: OAuth client accepted");
+            } else {
+                w!(
+                    out,
+                    "clouds: not checked (no provisioning worker configured)"
+                );
+            }
         }
         Command::Bench { command } => match command {
             BenchCommand::Queue(args) => {

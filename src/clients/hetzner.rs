@@ -2,12 +2,14 @@
 //!
 //! Owns request building, the shared [`RateBudget`], lenient response models and the mapping of
 //! API errors to an [`ErrorClass`] by `error.code` (never by HTTP status alone: 409 is both
-//! `conflict` and `uniqueness_error`). Idempotent calls are retried here with truncated
-//! exponential backoff; `create_server` never is, because a retried create either collides on
-//! the name or makes a duplicate. The caller adopts by label instead.
+//! `conflict` and `uniqueness_error`). Idempotent calls (reads, deletes, power-on, action
+//! polls) are retried here through [`super::retry`] on every transient answer: 5xx, timeouts,
+//! broken connections, `conflict`, `locked`, and 429s (the rate budget does that waiting).
+//! `create_server` never is, because a retried create either collides on the name or makes a
+//! duplicate: the caller looks the server up by label instead.
 
-use super::backoff;
 use super::rate_budget::RateBudget;
+use super::retry::{RetryPolicy, Verdict, retry};
 use crate::secret::Secret;
 use chrono::{DateTime, Utc};
 use reqwest::header::HeaderMap;
@@ -160,17 +162,19 @@ impl HetznerError {
         )
     }
 
-    /// Whether the client itself may repeat an idempotent call: exactly hcloud-go's policy
-    /// (`conflict`, `rate_limit_exceeded`, `bad_gateway`, `timeout`, bare 502/504, network).
-    fn retry_in_client(&self) -> bool {
+    /// Whether the client itself may repeat an idempotent call. Wider than hcloud-go's policy
+    /// (which leaves out 503 `unavailable`, 500 and `locked`): for a call that is safe to
+    /// repeat, a passing fault of the service must cost a retry, not a job attempt.
+    fn retry_verdict(&self) -> Verdict {
         match self {
-            HetznerError::Api { status, code, .. } => match code.as_str() {
-                "conflict" | "rate_limit_exceeded" | "bad_gateway" | "timeout" => true,
-                "" => matches!(status, 502 | 504),
-                _ => false,
-            },
-            HetznerError::Transport { .. } => true,
-            HetznerError::Decode { .. } | HetznerError::InvalidRequest(_) => false,
+            // The budget already waits for the next token; a backoff on top would only stall.
+            HetznerError::Api { status: 429, .. } => Verdict::After(Duration::ZERO),
+            HetznerError::Api { .. } | HetznerError::Transport { .. }
+                if self.class() == ErrorClass::Retryable =>
+            {
+                Verdict::Backoff
+            }
+            _ => Verdict::Stop,
         }
     }
 }
@@ -615,8 +619,7 @@ pub struct HetznerClient {
     base: Arc<str>,
     token: Secret,
     budget: Arc<RateBudget>,
-    max_retries: u32,
-    retry_base: Duration,
+    retry: RetryPolicy,
 }
 
 /// Whether a call may be repeated by the client.
@@ -640,14 +643,23 @@ impl HetznerClient {
             base: Arc::from(cfg.base_url.as_str().trim_end_matches('/')),
             token: cfg.token,
             budget: Arc::new(RateBudget::new()),
-            max_retries: cfg.max_retries,
-            retry_base: cfg.retry_base,
+            retry: RetryPolicy {
+                base: cfg.retry_base,
+                cap: Duration::from_secs(60),
+                max_retries: cfg.max_retries,
+            },
         }
     }
 
     /// The process-wide budget, for metrics (`remaining()`).
     pub fn budget(&self) -> &Arc<RateBudget> {
         &self.budget
+    }
+
+    /// How this client retries idempotent calls; callers that resolve a create by looking it up
+    /// back off the same way.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
     }
 
     /// Creates a server. Sent exactly once: on `ErrorClass::Adopt`, or a transport error with
@@ -782,26 +794,12 @@ impl HetznerClient {
         body: Option<Vec<u8>>,
         idempotent: Idempotent,
     ) -> Result<T, HetznerError> {
-        let mut attempt = 0;
-        loop {
-            match self
-                .send_once(&method, path, query, body.as_ref(), idempotent)
-                .await
-            {
-                Ok(v) => return Ok(v),
-                Err(e)
-                    if idempotent == Idempotent::Yes
-                        && e.retry_in_client()
-                        && attempt < self.max_retries =>
-                {
-                    let wait = backoff(attempt, self.retry_base, Duration::from_secs(60));
-                    tracing::debug!(%method, path, attempt, error = %e, "retrying hetzner call in {wait:?}");
-                    attempt += 1;
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => return Err(e),
-            }
+        let once = || self.send_once(&method, path, query, body.as_ref(), idempotent);
+        if idempotent == Idempotent::No {
+            return once().await;
         }
+        let what = format!("hetzner {method} {}", super::endpoint_label(path));
+        retry(&self.retry, None, &what, once, HetznerError::retry_verdict).await
     }
 
     async fn send_once<T: DeserializeOwned>(
@@ -837,8 +835,7 @@ impl HetznerClient {
         );
         crate::metrics::rate_limit_remaining("hetzner", self.budget.remaining());
         if status == StatusCode::TOO_MANY_REQUESTS {
-            self.budget
-                .rate_limited(header_u64(&headers, "ratelimit-reset"));
+            self.budget.rate_limited();
         }
         let correlation_id = headers
             .get("x-correlation-id")
@@ -936,21 +933,39 @@ mod tests {
     }
 
     #[test]
-    fn client_retries_only_what_hcloud_go_retries() {
+    fn client_retries_every_transient_answer_but_no_verdict() {
         let api = |status: u16, code: &str| HetznerError::Api {
             status,
             code: code.into(),
             message: String::new(),
             correlation_id: None,
         };
-        assert!(api(409, "conflict").retry_in_client());
-        assert!(api(502, "").retry_in_client());
-        assert!(api(504, "timeout").retry_in_client());
-        assert!(!api(409, "").retry_in_client());
-        assert!(!api(429, "").retry_in_client());
-        assert!(!api(503, "unavailable").retry_in_client());
-        assert!(!api(423, "locked").retry_in_client());
-        assert!(!api(409, "uniqueness_error").retry_in_client());
+        for e in [
+            api(409, "conflict"),
+            api(500, "server_error"),
+            api(500, ""),
+            api(502, ""),
+            api(503, "unavailable"),
+            api(504, "timeout"),
+            api(423, "locked"),
+        ] {
+            assert_eq!(e.retry_verdict(), Verdict::Backoff, "{e}");
+        }
+        assert_eq!(
+            api(429, "rate_limit_exceeded").retry_verdict(),
+            Verdict::After(Duration::ZERO),
+            "the rate budget does the waiting"
+        );
+        for e in [
+            api(409, ""),
+            api(409, "uniqueness_error"),
+            api(401, "unauthorized"),
+            api(423, "protected"),
+            api(404, "not_found"),
+            api(412, "resource_unavailable"),
+        ] {
+            assert_eq!(e.retry_verdict(), Verdict::Stop, "{e}");
+        }
     }
 
     #[test]

@@ -1,28 +1,35 @@
 //! The process-wide Hetzner request budget: a token bucket kept in step with the API's
 //! `RateLimit-*` headers.
 //!
-//! Hetzner limits requests per *project* (3600/h by default), refilling `limit/3600` per second,
-//! and the budget is shared with every other tool using the project. The bucket therefore trusts
-//! the server's `RateLimit-Remaining` over its own count, paces requests at the refill rate once
-//! it is empty (a burst is spread out instead of producing 429s), and after a 429 lets no request
-//! out before `RateLimit-Reset`, which is an absolute UNIX time. It must not sleep while holding
-//! its lock, and it knows nothing about which request is being made.
+//! Hetzner limits requests per *project* (3600/h by default) and refills the bucket
+//! continuously, `limit/3600` per second; the budget is shared with every other tool using the
+//! project. The bucket therefore trusts the server's `RateLimit-Remaining` over its own count
+//! and paces requests at the refill rate once it is empty, so a burst is spread out instead of
+//! producing 429s. After a 429 it waits only until one request has refilled (a second at
+//! 3600/h), not until `RateLimit-Reset`: Hetzner defines that as the time the bucket is
+//! *completely* full again, up to an hour away. Waiters are served first come, first served,
+//! so the refill is spread evenly over the work in flight instead of going to whoever polls
+//! luckiest. Time is tokio's clock, so paused-time tests can measure the stall exactly.
+//! It must not sleep while holding its state lock, and it knows nothing about which request is
+//! being made.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Hetzner's default limit, assumed until the first response tells us the real one.
 const DEFAULT_LIMIT_PER_HOUR: f64 = 3600.0;
-/// How long to stay blocked after a 429 that carried no usable `RateLimit-Reset`.
-const BLOCK_WITHOUT_RESET: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct RateBudget {
     state: Mutex<State>,
-    /// Woken whenever headers arrive, so waiters re-check at once instead of sleeping a full
-    /// refill period on a stale estimate.
+    /// Woken whenever headers arrive, so the waiter re-checks at once instead of sleeping a
+    /// full refill period on a stale estimate.
     changed: Notify,
+    /// Held by the one caller that waits for the next token. tokio's mutex is fair (FIFO),
+    /// which is what spreads the refill evenly across the callers in flight.
+    turn: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -34,11 +41,11 @@ struct State {
     capacity: f64,
     tokens: f64,
     refilled_at: Instant,
-    /// Set after a 429: nothing may be sent before this time.
-    blocked_until: Option<SystemTime>,
     /// Until the first response we do not know the project's budget; allow one request at a
     /// time to find out.
     known: bool,
+    /// 429s seen, for metrics and tests.
+    rate_limited: u64,
 }
 
 impl State {
@@ -52,6 +59,15 @@ impl State {
             .as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate_per_sec()).min(self.capacity);
         self.refilled_at = now;
+    }
+
+    /// How long until one whole token is there (zero if it is).
+    fn wait_for_one(&self) -> Duration {
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.rate_per_sec())
+        }
     }
 }
 
@@ -69,10 +85,11 @@ impl RateBudget {
                 capacity: 1.0,
                 tokens: 1.0,
                 refilled_at: Instant::now(),
-                blocked_until: None,
                 known: false,
+                rate_limited: 0,
             }),
             changed: Notify::new(),
+            turn: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -94,33 +111,33 @@ impl RateBudget {
         self.lock().limit_per_hour as u64
     }
 
-    /// The time before which nothing may be sent, if a 429 set one that has not passed yet.
-    pub fn blocked_until(&self) -> Option<SystemTime> {
-        let s = self.lock();
-        s.blocked_until.filter(|t| *t > SystemTime::now())
+    /// How long the next caller would wait for a token now (zero when one is there).
+    pub fn wait_estimate(&self) -> Duration {
+        let mut s = self.lock();
+        s.refill(Instant::now());
+        s.wait_for_one()
     }
 
-    /// Waits until one request may be sent, and takes its token.
+    /// 429s this budget has seen.
+    pub fn rate_limited_count(&self) -> u64 {
+        self.lock().rate_limited
+    }
+
+    /// Waits until one request may be sent, and takes its token. Callers are served in the
+    /// order they arrived.
     pub async fn acquire(&self) {
+        let _turn = self.turn.lock().await;
         loop {
             let notified = self.changed.notified();
             let wait = {
                 let mut s = self.lock();
-                let now = Instant::now();
-                s.refill(now);
-                let blocked = s
-                    .blocked_until
-                    .and_then(|t| t.duration_since(SystemTime::now()).ok())
-                    .filter(|d| !d.is_zero());
-                match blocked {
-                    Some(d) => d,
-                    None if s.tokens >= 1.0 => {
-                        s.blocked_until = None;
-                        s.tokens -= 1.0;
-                        return;
-                    }
-                    None => Duration::from_secs_f64((1.0 - s.tokens) / s.rate_per_sec()),
+                s.refill(Instant::now());
+                let wait = s.wait_for_one();
+                if wait.is_zero() {
+                    s.tokens -= 1.0;
+                    return;
                 }
+                wait
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -157,16 +174,15 @@ impl RateBudget {
         self.changed.notify_waiters();
     }
 
-    /// Records a 429: no request goes out before `reset` (a UNIX time in seconds).
-    pub fn rate_limited(&self, reset: Option<u64>) {
+    /// Records a 429: the bucket is empty, so the next request waits for one token's refill
+    /// (`1 / (limit/3600)` s). `RateLimit-Reset` is deliberately not waited for: it is when the
+    /// bucket is full again, not when the next request is allowed.
+    pub fn rate_limited(&self) {
         let mut s = self.lock();
-        s.tokens = 0.0;
+        s.refill(Instant::now());
+        s.tokens = s.tokens.min(0.0);
         s.known = true;
-        let until = reset
-            .map(|r| UNIX_EPOCH + Duration::from_secs(r))
-            .filter(|t| *t > SystemTime::now())
-            .unwrap_or_else(|| SystemTime::now() + BLOCK_WITHOUT_RESET);
-        s.blocked_until = Some(s.blocked_until.map_or(until, |b| b.max(until)));
+        s.rate_limited += 1;
         drop(s);
         self.changed.notify_waiters();
     }
@@ -188,25 +204,7 @@ mod tests {
         assert_eq!(b.remaining(), 4);
     }
 
-    #[test]
-    fn a_429_blocks_until_its_reset_and_empties_the_bucket() {
-        let b = RateBudget::new();
-        b.observe(Some(3600), Some(100));
-        let reset = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() + 5)
-            .unwrap_or_default();
-        b.rate_limited(Some(reset));
-        assert_eq!(b.remaining(), 0);
-        let until = b.blocked_until().expect("blocked");
-        assert_eq!(until, UNIX_EPOCH + Duration::from_secs(reset));
-        // A reset in the past (clock skew) still blocks briefly rather than not at all.
-        let skewed = RateBudget::new();
-        skewed.rate_limited(Some(1));
-        assert!(skewed.blocked_until().is_some());
-    }
-
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn acquire_waits_for_refill_when_empty() {
         let b = RateBudget::new();
         // 36000/h = 10 per second; nothing left.
@@ -214,6 +212,9 @@ mod tests {
         let started = Instant::now();
         b.acquire().await;
         let waited = started.elapsed();
-        assert!(waited >= Duration::from_millis(80), "waited {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(99) && waited <= Duration::from_millis(101),
+            "{waited:?}"
+        );
     }
 }

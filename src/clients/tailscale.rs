@@ -1,17 +1,22 @@
 //! Tailscale API v2 client: OAuth client credentials, auth keys, devices.
 //!
-//! Owns the token cache (one refresh shared by all concurrent callers, ~60 s before expiry),
-//! the request shapes and lenient device models. Reads and deletes honour `Retry-After` on a
-//! 429 (once, capped); creating a key is never retried, because a retried write cannot be taken
-//! back. Secrets (client secret, access token, auth keys) never reach a log or an error.
+//! Owns the token cache (one refresh shared by all concurrent callers, ~60 s before expiry, on
+//! tokio's clock), the request shapes and lenient key and device models. Idempotent calls
+//! (token requests, reads, deletes, key revokes) are retried through [`super::retry`] on 429
+//! (after `Retry-After`), 5xx and broken connections; creating a key is never retried, because
+//! a retried write cannot be taken back: the caller finds keys of an unknown mint by their
+//! description ([`TailscaleClient::keys_described`]) and revokes them. Secrets (client secret,
+//! access token, auth keys) never reach a log or an error.
 
+use super::retry::{RetryPolicy, Verdict, retry};
 use crate::secret::Secret;
 use chrono::{DateTime, Utc};
 use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 /// Refresh this long before the token expires, so a request never carries a dying token.
 const REFRESH_MARGIN: Duration = Duration::from_secs(60);
@@ -35,6 +40,19 @@ pub struct TailscaleConfig {
     pub tags: Vec<String>,
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Retries of idempotent calls after the first attempt.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// First backoff step; doubles per retry, capped at 60 s, full jitter.
+    #[serde(default = "default_retry_base", with = "humantime_serde")]
+    pub retry_base: Duration,
+}
+
+fn default_max_retries() -> u32 {
+    5
+}
+fn default_retry_base() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_base_url() -> url::Url {
@@ -62,6 +80,8 @@ impl TailscaleConfig {
             client_secret,
             tags,
             request_timeout: default_request_timeout(),
+            max_retries: default_max_retries(),
+            retry_base: default_retry_base(),
         }
     }
 }
@@ -70,9 +90,19 @@ impl TailscaleConfig {
 pub enum TailscaleError {
     /// The API answered `{"message": ...}` with an error status.
     #[error("tailscale api: {message} (HTTP {status})")]
-    Api { status: u16, message: String },
-    /// No usable response. For a key create, `outcome_unknown` means a key may exist: it is
-    /// single-use and short-lived, so mint another and let the orphan expire (or revoke it).
+    Api {
+        status: u16,
+        message: String,
+        /// `Retry-After` of a 429, when it carried one.
+        retry_after: Option<Duration>,
+    },
+    /// The token endpoint refused the OAuth client (400/401/403).
+    #[error(
+        "tailscale OAuth client rejected: {message} (HTTP {status}); check tailscale.client_id and tailscale.client_secret_file"
+    )]
+    Credentials { status: u16, message: String },
+    /// No usable response. For a key create, `outcome_unknown` means a key may exist: find it
+    /// by its description and revoke it before minting another.
     #[error("tailscale request failed: {message} (outcome unknown: {outcome_unknown})")]
     Transport {
         message: String,
@@ -88,7 +118,9 @@ pub enum TailscaleError {
 impl TailscaleError {
     pub fn status(&self) -> Option<u16> {
         match self {
-            TailscaleError::Api { status, .. } => Some(*status),
+            TailscaleError::Api { status, .. } | TailscaleError::Credentials { status, .. } => {
+                Some(*status)
+            }
             _ => None,
         }
     }
@@ -102,7 +134,27 @@ impl TailscaleError {
         match self {
             TailscaleError::Api { status, .. } => *status == 429 || *status >= 500,
             TailscaleError::Transport { .. } => true,
-            TailscaleError::Decode(_) | TailscaleError::InvalidRequest(_) => false,
+            TailscaleError::Decode(_)
+            | TailscaleError::InvalidRequest(_)
+            | TailscaleError::Credentials { .. } => false,
+        }
+    }
+
+    /// The OAuth client itself was refused (wrong id or secret, revoked client): retrying
+    /// cannot help, a person has to fix the configuration.
+    pub fn is_bad_credential(&self) -> bool {
+        matches!(self, TailscaleError::Credentials { .. })
+    }
+
+    fn retry_verdict(&self) -> Verdict {
+        match self {
+            TailscaleError::Api {
+                status: 429,
+                retry_after,
+                ..
+            } => Verdict::After(retry_after.unwrap_or(Duration::from_secs(1))),
+            e if e.is_retryable() => Verdict::Backoff,
+            _ => Verdict::Stop,
         }
     }
 }
@@ -155,6 +207,46 @@ pub struct AuthKey {
     pub id: String,
     pub key: Secret,
     pub expires: Option<DateTime<Utc>>,
+}
+
+/// What the API says about an existing key (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub id: String,
+    pub description: String,
+    pub created: Option<DateTime<Utc>>,
+    /// Revoked, expired or used up: it can no longer add a device.
+    pub invalid: bool,
+}
+
+#[derive(Deserialize)]
+struct KeyListEntry {
+    id: String,
+    /// The list endpoint documents only ids ("may return more in the future"); whatever more
+    /// it sends is used, what it leaves out is read from the key itself.
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default, deserialize_with = "lenient_time")]
+    created: Option<DateTime<Utc>>,
+    #[serde(default)]
+    invalid: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct KeyList {
+    #[serde(default)]
+    keys: Vec<KeyListEntry>,
+}
+
+#[derive(Deserialize)]
+struct KeyDetails {
+    id: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default, deserialize_with = "lenient_time")]
+    created: Option<DateTime<Utc>>,
+    #[serde(default)]
+    invalid: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -284,6 +376,7 @@ pub struct TailscaleClient {
     /// An async mutex held across the refresh, so concurrent callers wait for one refresh
     /// instead of each minting a token.
     token: Arc<Mutex<Option<CachedToken>>>,
+    retry: RetryPolicy,
 }
 
 impl TailscaleClient {
@@ -303,10 +396,17 @@ impl TailscaleClient {
             client_secret: cfg.client_secret,
             tags: Arc::from(cfg.tags),
             token: Arc::new(Mutex::new(None)),
+            retry: RetryPolicy {
+                base: cfg.retry_base,
+                cap: Duration::from_secs(60),
+                max_retries: cfg.max_retries,
+            },
         }
     }
 
     /// A valid access token, minted or refreshed if it is missing or within a minute of expiry.
+    /// The token request is repeated on transient errors (it mints nothing that matters), so
+    /// that a passing fault of the token endpoint does not fail the call that needed it.
     async fn access_token(&self) -> Result<Secret, TailscaleError> {
         let mut cached = self.token.lock().await;
         if let Some(t) = cached.as_ref()
@@ -314,6 +414,23 @@ impl TailscaleClient {
         {
             return Ok(t.token.clone());
         }
+        let (token, lifetime) = retry(
+            &self.retry,
+            None,
+            "tailscale token request",
+            || self.request_token(),
+            TailscaleError::retry_verdict,
+        )
+        .await?;
+        *cached = Some(CachedToken {
+            token: token.clone(),
+            refresh_at: Instant::now() + lifetime.saturating_sub(REFRESH_MARGIN),
+        });
+        Ok(token)
+    }
+
+    async fn request_token(&self) -> Result<(Secret, Duration), TailscaleError> {
+        let endpoint = "/oauth/token";
         let resp = self
             .http
             .post(format!("{}/api/v2/oauth/token", self.base))
@@ -324,21 +441,55 @@ impl TailscaleClient {
             ])
             .send()
             .await
-            .map_err(|e| transport_error(e, false))?;
+            .map_err(|e| {
+                crate::metrics::api_call("tailscale", endpoint, super::transport_code(&e));
+                transport_error(e, false)
+            })?;
         let status = resp.status();
+        crate::metrics::api_call("tailscale", endpoint, status.as_str());
+        let retry_after = retry_after(resp.headers());
         let bytes = resp.bytes().await.map_err(|e| transport_error(e, false))?;
         if !status.is_success() {
-            return Err(api_error(status, &bytes));
+            return Err(match api_error(status, &bytes, retry_after) {
+                TailscaleError::Api {
+                    status: s @ (400 | 401 | 403),
+                    message,
+                    ..
+                } => TailscaleError::Credentials { status: s, message },
+                other => other,
+            });
         }
         let tr: TokenResponse =
             serde_json::from_slice(&bytes).map_err(|e| TailscaleError::Decode(e.to_string()))?;
-        let lifetime = Duration::from_secs(tr.expires_in);
-        let token = Secret::new(tr.access_token);
-        *cached = Some(CachedToken {
-            token: token.clone(),
+        Ok((
+            Secret::new(tr.access_token),
+            Duration::from_secs(tr.expires_in),
+        ))
+    }
+
+    /// Checks the OAuth client by requesting a fresh token (startup and `check-config`).
+    /// Transient errors are retried with `policy`; a refused credential is
+    /// [`TailscaleError::Credentials`] at once.
+    pub async fn check_credentials(&self, policy: &RetryPolicy) -> Result<(), TailscaleError> {
+        let (token, lifetime) = retry(
+            policy,
+            None,
+            "tailscale OAuth check",
+            || self.request_token(),
+            TailscaleError::retry_verdict,
+        )
+        .await?;
+        *self.token.lock().await = Some(CachedToken {
+            token,
             refresh_at: Instant::now() + lifetime.saturating_sub(REFRESH_MARGIN),
         });
-        Ok(token)
+        Ok(())
+    }
+
+    /// How this client retries idempotent calls; callers that resolve a mint by looking keys
+    /// up back off the same way.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
     }
 
     /// The OAuth client's tag set from the configuration.
@@ -397,6 +548,55 @@ impl TailscaleClient {
         }
     }
 
+    /// A key's metadata; `None` if the API does not know it.
+    pub async fn get_key(&self, id: &str) -> Result<Option<KeyInfo>, TailscaleError> {
+        let path = format!("/tailnet/{}/keys/{}", self.tailnet, path_segment(id));
+        let bytes = match self.call(Method::GET, &path, &[], None).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let k: KeyDetails =
+            serde_json::from_slice(&bytes).map_err(|e| TailscaleError::Decode(e.to_string()))?;
+        Ok(Some(KeyInfo {
+            id: k.id,
+            description: k.description,
+            created: k.created,
+            invalid: k.invalid,
+        }))
+    }
+
+    /// The tailnet's active keys with their metadata. The list endpoint is documented to
+    /// return ids only, so each key it does not describe is read on its own (no pagination
+    /// exists; a key gone in between is skipped).
+    pub async fn list_keys(&self) -> Result<Vec<KeyInfo>, TailscaleError> {
+        let path = format!("/tailnet/{}/keys", self.tailnet);
+        let bytes = self.call(Method::GET, &path, &[], None).await?;
+        let list: KeyList =
+            serde_json::from_slice(&bytes).map_err(|e| TailscaleError::Decode(e.to_string()))?;
+        let mut out = Vec::with_capacity(list.keys.len());
+        for k in list.keys {
+            match k.description {
+                Some(description) => out.push(KeyInfo {
+                    id: k.id,
+                    description,
+                    created: k.created,
+                    invalid: k.invalid.unwrap_or(false),
+                }),
+                None => out.extend(self.get_key(&k.id).await?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The valid keys whose description is exactly `description`: the way to find what a mint
+    /// with an unknown outcome (or a crashed process) left behind.
+    pub async fn keys_described(&self, description: &str) -> Result<Vec<KeyInfo>, TailscaleError> {
+        let mut keys = self.list_keys().await?;
+        keys.retain(|k| k.description == description && !k.invalid);
+        Ok(keys)
+    }
+
     /// Devices matching the filter (exact match, server-side; all results, no pagination).
     pub async fn list_devices(&self, f: &DeviceFilter) -> Result<Vec<Device>, TailscaleError> {
         let mut query: Vec<(&str, String)> = Vec::new();
@@ -423,6 +623,8 @@ impl TailscaleClient {
         }
     }
 
+    /// One API call; idempotent ones (everything but a POST, which mints) are retried on
+    /// transient errors.
     async fn call(
         &self,
         method: Method,
@@ -430,9 +632,29 @@ impl TailscaleClient {
         query: &[(&str, String)],
         body: Option<Vec<u8>>,
     ) -> Result<bytes::Bytes, TailscaleError> {
-        // Reads and deletes repeat harmlessly; a POST here mints something.
-        let idempotent = method != Method::POST;
-        let mut retried_429 = false;
+        let once = || self.send_once(&method, path, query, body.as_ref());
+        if method == Method::POST {
+            return once().await;
+        }
+        let what = format!("tailscale {method} {}", super::endpoint_label(path));
+        retry(
+            &self.retry,
+            None,
+            &what,
+            once,
+            TailscaleError::retry_verdict,
+        )
+        .await
+    }
+
+    async fn send_once(
+        &self,
+        method: &Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Vec<u8>>,
+    ) -> Result<bytes::Bytes, TailscaleError> {
+        let write = *method == Method::POST;
         let mut retried_401 = false;
         loop {
             let token = self.access_token().await?;
@@ -441,7 +663,7 @@ impl TailscaleClient {
                 .request(method.clone(), format!("{}/api/v2{path}", self.base))
                 .bearer_auth(token.expose())
                 .query(query);
-            if let Some(b) = &body {
+            if let Some(b) = body {
                 req = req
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(b.clone());
@@ -449,20 +671,12 @@ impl TailscaleClient {
             let endpoint = super::endpoint_label(path);
             let resp = req.send().await.map_err(|e| {
                 crate::metrics::api_call("tailscale", &endpoint, super::transport_code(&e));
-                transport_error(e, !idempotent)
+                transport_error(e, write)
             })?;
             let status = resp.status();
             crate::metrics::api_call("tailscale", &endpoint, status.as_str());
-            let retry_after = resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| transport_error(e, !idempotent))?;
+            let retry_after = retry_after(resp.headers());
+            let bytes = resp.bytes().await.map_err(|e| transport_error(e, write))?;
             if status.is_success() {
                 return Ok(bytes);
             }
@@ -473,18 +687,19 @@ impl TailscaleClient {
                 *self.token.lock().await = None;
                 continue;
             }
-            if status == StatusCode::TOO_MANY_REQUESTS && idempotent && !retried_429 {
-                retried_429 = true;
-                let wait = retry_after
-                    .unwrap_or(Duration::from_secs(1))
-                    .min(MAX_RETRY_AFTER);
-                tracing::debug!(%method, path, "tailscale 429, retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-            return Err(api_error(status, &bytes));
+            let err = api_error(status, &bytes, retry_after);
+            tracing::debug!(%method, path, error = %err, "tailscale call failed");
+            return Err(err);
         }
     }
+}
+
+/// `Retry-After` in seconds, capped: longer waits are the caller's call.
+fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    h.get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER))
 }
 
 /// Ids come from the API, but a path segment must never be able to change the route.
@@ -492,7 +707,7 @@ fn path_segment(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-fn api_error(status: StatusCode, body: &[u8]) -> TailscaleError {
+fn api_error(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> TailscaleError {
     let message = serde_json::from_slice::<ApiMessage>(body)
         .map(|m| m.message)
         .ok()
@@ -501,6 +716,7 @@ fn api_error(status: StatusCode, body: &[u8]) -> TailscaleError {
     TailscaleError::Api {
         status: status.as_u16(),
         message,
+        retry_after,
     }
 }
 

@@ -23,10 +23,13 @@ pub mod reaper;
 pub mod watch;
 
 use crate::clients::hetzner::{
-    CreateServerRequest, ErrorClass, HetznerClient, HetznerError, PublicNetRequest, Server,
-    ServerQuery, ServerStatus,
+    CreateServerRequest, CreateServerResponse, ErrorClass, HetznerClient, HetznerError,
+    PublicNetRequest, Server, ServerQuery, ServerStatus,
 };
-use crate::clients::tailscale::{CreateKey, DeviceFilter, TailscaleClient, TailscaleError};
+use crate::clients::retry::{RetryPolicy, Verdict, retry};
+use crate::clients::tailscale::{
+    AuthKey, CreateKey, DeviceFilter, TailscaleClient, TailscaleError,
+};
 use crate::config::Regions;
 use crate::db::models::Job;
 use crate::queue::{Fence, QueueError, StepFields, VmMetadata};
@@ -36,6 +39,7 @@ use futures::future::BoxFuture;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use uuid::Uuid;
 use watch::{ActionWatcher, DeviceWatcher, WatchSettings};
@@ -88,16 +92,34 @@ impl ProvisionSettings {
     }
 }
 
+/// Why the startup check of the server type failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupCheckError {
+    /// The API did not answer usefully; `transient()` tells whether asking again may help.
+    #[error("hetzner: {0}")]
+    Api(#[from] HetznerError),
+    /// A definitive answer: the type is unknown, or unusable in every location of a region.
+    #[error("{0}")]
+    Unusable(String),
+}
+
+impl StartupCheckError {
+    /// Worth asking again (5xx, timeout, 429): not a verdict on the configuration.
+    pub fn transient(&self) -> bool {
+        matches!(self, StartupCheckError::Api(e) if e.class() == ErrorClass::Retryable)
+    }
+}
+
 /// Startup check: the configured server type exists and is usable (not deprecated, available)
 /// in at least one location of every region. Returns the regions with the unusable locations
 /// removed (so that jobs do not try them); a region left with none is an error.
 pub async fn usable_regions(
     hetzner: &HetznerClient,
     settings: &ProvisionSettings,
-) -> anyhow::Result<Regions> {
+) -> Result<Regions, StartupCheckError> {
     let types = hetzner.list_server_types().await?;
     let Some(t) = types.iter().find(|t| t.name == settings.server_type) else {
-        anyhow::bail!(
+        return Err(StartupCheckError::Unusable(format!(
             "hetzner.server_type {:?} does not exist in this project (known: {})",
             settings.server_type,
             types
@@ -105,18 +127,18 @@ pub async fn usable_regions(
                 .map(|t| t.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
-        );
+        )));
     };
     let mut usable = Regions(BTreeMap::new());
     for (region, locations) in &settings.regions.0 {
         let (ok, bad): (Vec<String>, Vec<String>) =
             locations.iter().cloned().partition(|l| t.usable_in(l));
         if ok.is_empty() {
-            anyhow::bail!(
+            return Err(StartupCheckError::Unusable(format!(
                 "hetzner.server_type {:?} is deprecated or unavailable in every location of region {region} ({}); pick another type or location",
                 settings.server_type,
                 locations.join(", ")
-            );
+            )));
         }
         if !bad.is_empty() {
             tracing::warn!(region, locations = %bad.join(", "), server_type = %settings.server_type, "server type unusable there; skipping those locations");
@@ -344,17 +366,19 @@ impl Provisioner {
                 .await
                 .is_some();
         }
-        if let Some(key) = &job.tailscale_key_id {
-            complete &= retry_until(until, "revoke key", || t.revoke_key(key))
-                .await
-                .is_some();
-        }
+        let description = key_description(job.id);
+        complete &= retry_until(until, "revoke keys", || {
+            revoke_job_keys(t, &description, job.tailscale_key_id.as_deref())
+        })
+        .await
+        .is_some();
         complete
     }
 }
 
-/// Retries `f` with backoff until it succeeds or `until` passes. The clients already wait out
-/// 429s (Hetzner until its reset) and retry idempotent calls; this adds patience on top.
+/// Retries `f` with backoff until it succeeds or `until` passes (the shared loop of
+/// `clients::retry`, with a patience fit for cleanup). The clients already retry each
+/// idempotent call; this adds patience on top, bounded by the rollback timeout.
 async fn retry_until<T, E: std::fmt::Display, F, Fut>(
     until: tokio::time::Instant,
     what: &str,
@@ -364,20 +388,101 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let mut pause = Duration::from_millis(500);
-    loop {
-        match tokio::time::timeout_at(until, f()).await {
-            Ok(Ok(v)) => return Some(v),
-            Ok(Err(e)) => tracing::warn!(error = %e, "rollback: {what} failed; retrying"),
-            Err(_) => {}
+    let policy = RetryPolicy {
+        base: Duration::from_millis(500),
+        cap: Duration::from_secs(30),
+        max_retries: u32::MAX,
+    };
+    let once = || {
+        let call = f();
+        async move {
+            match tokio::time::timeout_at(until, call).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("rollback timeout reached".to_owned()),
+            }
         }
-        if tokio::time::Instant::now() + pause >= until {
-            tracing::error!("rollback: gave up on {what}; the reaper will clean up");
-            return None;
+    };
+    let what_failed = format!("rollback: {what}");
+    match retry(&policy, Some(until), &what_failed, once, |_| {
+        Verdict::Backoff
+    })
+    .await
+    {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, "rollback: gave up on {what}; the reaper will clean up");
+            None
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(30));
     }
+}
+
+/// The description of every auth key minted for a job: the server name, `pv-` and the job id
+/// without hyphens (35 characters; Tailscale allows 50 alphanumerics, hyphens and spaces). It is
+/// how a key whose mint outcome is unknown, or whose checkpoint never landed, is found again.
+pub fn key_description(job_id: Uuid) -> String {
+    server_name(job_id)
+}
+
+/// How many times one step may retry a create or a mint (after resolving its outcome), on top
+/// of the clients' own retries of each idempotent call.
+const STEP_RETRIES: u32 = 8;
+
+fn step_policy(client: RetryPolicy) -> RetryPolicy {
+    RetryPolicy {
+        max_retries: STEP_RETRIES,
+        cap: client.cap.min(Duration::from_secs(30)),
+        ..client
+    }
+}
+
+/// A failed mint, and which part of it failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {error}")]
+struct MintFailure {
+    what: &'static str,
+    error: TailscaleError,
+}
+
+/// A create's outcome once resolved.
+enum Made {
+    Created(Box<CreateServerResponse>),
+    /// The create failed in transit, but the server exists.
+    Found(Server),
+}
+
+/// The job's live server, if any (the oldest, when a bug ever made two).
+async fn find_job_server(h: &HetznerClient, job_id: Uuid) -> Result<Option<Server>, HetznerError> {
+    let q = ServerQuery {
+        label_selector: Some(job_selector(job_id)),
+        name: None,
+    };
+    let mut found = h.list_servers(&q).await?;
+    found.retain(|s| s.status != ServerStatus::Deleting);
+    found.sort_by_key(|s| (s.created, s.id));
+    Ok(found.into_iter().next())
+}
+
+/// Revokes the recorded key and every valid key described as the job's, so that no key minted
+/// for the job stays usable once it is no longer the one the job will use.
+pub async fn revoke_job_keys(
+    t: &TailscaleClient,
+    description: &str,
+    recorded: Option<&str>,
+) -> Result<Vec<String>, TailscaleError> {
+    let mut ids: Vec<String> = t
+        .keys_described(description)
+        .await?
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    ids.extend(recorded.map(str::to_owned));
+    ids.sort_unstable();
+    ids.dedup();
+    for id in &ids {
+        t.revoke_key(id).await?;
+        tracing::info!(key = %id, "revoked a key minted for this job");
+    }
+    Ok(ids)
 }
 
 impl JobHandler for Provisioner {
@@ -533,22 +638,13 @@ impl Attempt<'_> {
 
         self.check("key_minted")?;
         p.failpoint("before_key")?;
-        let t = &p.inner.tailscale;
-        if let Some(old) = self.job.tailscale_key_id.clone() {
-            // No server was made with it: it must never be usable again.
-            t.revoke_key(&old)
-                .await
-                .map_err(|e| tailscale_stop("key_minted", "revoke the previous key", &e))?;
+        if self.job.tailscale_key_id.is_some() {
+            // A server of an earlier attempt may have joined under this name and been lost
+            // since: its device would be mistaken for the new one.
             self.delete_stale_devices(&name).await?;
         }
-        let key = t
-            .create_auth_key(&CreateKey::single_use(
-                format!("provisiond job {}", self.job.id.simple()),
-                s.key_expiry,
-                s.tags.clone(),
-            ))
-            .await
-            .map_err(|e| tailscale_stop("key_minted", "create the auth key", &e))?;
+        let key = self.mint_key(resumed).await?;
+        p.failpoint("after_key")?;
         self.checkpoint(
             "key_minted",
             format!("minted single-use auth key {}", key.id),
@@ -598,8 +694,8 @@ impl Attempt<'_> {
                     enable_ipv6: true,
                 }),
             };
-            match h.create_server(&request).await {
-                Ok(created) => {
+            match self.create_or_find(&request).await {
+                Ok(Made::Created(created)) => {
                     p.failpoint("after_create")?;
                     let mut actions = vec![created.action.id];
                     actions.extend(created.next_actions.iter().map(|a| a.id));
@@ -610,6 +706,11 @@ impl Attempt<'_> {
                             actions,
                             format!("created server {} in {location}", server.id),
                         )
+                        .await;
+                }
+                Ok(Made::Found(server)) => {
+                    return self
+                        .adopt(server, "create failed but the server exists: adopted")
                         .await;
                 }
                 Err(e) => match e.class() {
@@ -642,15 +743,6 @@ impl Attempt<'_> {
                         tracing::warn!(location, error = %e, "no capacity; trying the next location");
                         no_capacity.push(location.clone());
                     }
-                    ErrorClass::Retryable if e.outcome_unknown() => {
-                        // The server may exist: look before anything else.
-                        if let Some(found) = self.find_server().await? {
-                            return self
-                                .adopt(found, "create timed out but the server exists: adopted")
-                                .await;
-                        }
-                        return Err(hetzner_stop("vm_created", "create the server", &e));
-                    }
                     _ => return Err(hetzner_stop("vm_created", "create the server", &e)),
                 },
             }
@@ -665,21 +757,95 @@ impl Attempt<'_> {
         })
     }
 
-    async fn find_server(&self) -> Result<Option<Server>, Stop> {
-        let q = ServerQuery {
-            label_selector: Some(job_selector(self.job.id)),
-            name: None,
+    /// Mints the job's key. A mint is never repeated blindly: before minting again — on a
+    /// resumed attempt (a crash or error may have come between an earlier mint and its
+    /// checkpoint) and after a mint whose outcome is unknown (timeout, 5xx) — every valid key
+    /// carrying the job's description is revoked. Transient failures are retried within the
+    /// step's budget.
+    async fn mint_key(&self, resumed: bool) -> Result<AuthKey, Stop> {
+        let t = &self.p.inner.tailscale;
+        let s = &self.p.inner.settings;
+        let description = key_description(self.job.id);
+        let request = CreateKey::single_use(description.clone(), s.key_expiry, s.tags.clone());
+        let recorded = self.job.tailscale_key_id.clone();
+        let clean_first = AtomicBool::new(resumed);
+        let (description, request, recorded, clean_first) =
+            (&description, &request, &recorded, &clean_first);
+        let once = move || async move {
+            if clean_first.load(Ordering::SeqCst) {
+                revoke_job_keys(t, description, recorded.as_deref())
+                    .await
+                    .map_err(|error| MintFailure {
+                        what: "revoke the job's earlier keys",
+                        error,
+                    })?;
+            }
+            // From here on a failure may have minted a key.
+            clean_first.store(true, Ordering::SeqCst);
+            t.create_auth_key(request)
+                .await
+                .map_err(|error| MintFailure {
+                    what: "create the auth key",
+                    error,
+                })
         };
-        let mut found = self
-            .p
-            .inner
-            .hetzner
-            .list_servers(&q)
+        retry(
+            &step_policy(t.retry_policy()),
+            Some(self.deadline),
+            "mint the auth key",
+            once,
+            |f: &MintFailure| {
+                if f.error.is_retryable() {
+                    Verdict::Backoff
+                } else {
+                    Verdict::Stop
+                }
+            },
+        )
+        .await
+        .map_err(|f| tailscale_stop("key_minted", f.what, &f.error))
+    }
+
+    /// One create, resolved if its outcome is unclear: after a transient failure (a timeout, a
+    /// 5xx — the API may have acted before the answer was lost) the job's server is looked up
+    /// by label before creating again, within the step's budget. Errors that are a verdict
+    /// (`uniqueness_error`, no capacity, invalid input) are returned at once.
+    async fn create_or_find(&self, request: &CreateServerRequest) -> Result<Made, HetznerError> {
+        let h = &self.p.inner.hetzner;
+        let job_id = self.job.id;
+        let once = move || async move {
+            match h.create_server(request).await {
+                Ok(created) => Ok(Made::Created(Box::new(created))),
+                Err(e) if e.class() == ErrorClass::Retryable => {
+                    match find_job_server(h, job_id).await {
+                        Ok(Some(server)) => Ok(Made::Found(server)),
+                        // Not there (or the lookup failed too): the create may be repeated.
+                        _ => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        };
+        retry(
+            &step_policy(h.retry_policy()),
+            Some(self.deadline),
+            "create the server",
+            once,
+            |e: &HetznerError| {
+                if e.class() == ErrorClass::Retryable {
+                    Verdict::Backoff
+                } else {
+                    Verdict::Stop
+                }
+            },
+        )
+        .await
+    }
+
+    async fn find_server(&self) -> Result<Option<Server>, Stop> {
+        find_job_server(&self.p.inner.hetzner, self.job.id)
             .await
-            .map_err(|e| hetzner_stop("vm_created", "look up the job's server", &e))?;
-        found.retain(|s| s.status != ServerStatus::Deleting);
-        found.sort_by_key(|s| (s.created, s.id));
-        Ok(found.into_iter().next())
+            .map_err(|e| hetzner_stop("vm_created", "look up the job's server", &e))
     }
 
     async fn adopt(&mut self, server: Server, why: &str) -> Result<(), Stop> {

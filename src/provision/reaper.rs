@@ -1,14 +1,18 @@
 //! The reaper: deletes servers labelled `managed-by=provisiond` and tagged tailnet devices that
-//! no live job owns, once they are older than the grace period. It is what makes "nothing is
-//! billed without an owner for longer than one reaper interval" hold after crashes mid-rollback,
-//! jobs failed by the sweep, and manual mistakes. It survives errors: one failed delete or
-//! listing is logged and the pass goes on.
+//! no live job owns, and revokes valid auth keys described `pv-<job>` that no live job records,
+//! once they are older than the grace period. It is what makes "nothing is billed without an
+//! owner, and no minted key stays usable, for longer than one reaper interval" hold after
+//! crashes mid-rollback or between a mint and its checkpoint, jobs failed by the sweep, and
+//! manual mistakes. It survives errors: one failed delete or listing is logged and the pass
+//! goes on.
 //!
 //! Ownership: a server labelled `job=<id>` (or a device named `pv-<id>`) belongs to a job that
 //! is `queued` or `provisioning` (it will resume and adopt it) unless the job already recorded a
 //! different one; to a `running` job only if it is the one the job recorded. Anything else —
-//! unknown job, `failed`, `cancelled`, a duplicate — is unowned. Devices whose hostname we did
-//! not generate are never touched, whatever their tags.
+//! unknown job, `failed`, `cancelled`, a duplicate — is unowned. A key belongs only to a `queued`
+//! or `provisioning` job that recorded it: a live job that minted another key since (or never
+//! checkpointed this one) revokes it on resume anyway. Devices whose hostname and keys whose
+//! description we did not generate are never touched, whatever their tags.
 
 use super::{MANAGED_BY, server_name};
 use crate::clients::hetzner::{HetznerClient, ServerQuery};
@@ -25,6 +29,7 @@ use uuid::Uuid;
 pub struct ReapReport {
     pub servers_deleted: Vec<i64>,
     pub devices_deleted: Vec<String>,
+    pub keys_revoked: Vec<String>,
     /// Unowned but younger than the grace period: left for a later pass.
     pub too_young: usize,
     pub errors: Vec<String>,
@@ -47,7 +52,8 @@ fn old_enough(created: Option<DateTime<Utc>>, grace: Duration) -> bool {
     })
 }
 
-/// The job a device hostname was generated for.
+/// The job a device hostname (or a key description, which is the same string) was generated
+/// for.
 fn job_of_hostname(hostname: &str) -> Option<Uuid> {
     let hex = hostname.strip_prefix("pv-")?;
     let id = Uuid::try_parse(hex).ok()?;
@@ -89,10 +95,21 @@ pub async fn reap(
             Vec::new()
         }
     };
+    let keys = match tailscale.list_keys().await {
+        Ok(mut k) => {
+            k.retain(|k| !k.invalid && job_of_hostname(&k.description).is_some());
+            k
+        }
+        Err(e) => {
+            report.errors.push(format!("list keys: {e}"));
+            Vec::new()
+        }
+    };
     let mut ids: Vec<Uuid> = servers
         .iter()
         .filter_map(|s| s.labels.get("job").and_then(|j| Uuid::try_parse(j).ok()))
         .chain(devices.iter().filter_map(|d| job_of_hostname(&d.hostname)))
+        .chain(keys.iter().filter_map(|k| job_of_hostname(&k.description)))
         .collect();
     ids.sort_unstable();
     ids.dedup();
@@ -149,6 +166,27 @@ pub async fn reap(
             Err(e) => report
                 .errors
                 .push(format!("delete device {}: {e}", d.node_id)),
+        }
+    }
+    for k in &keys {
+        let job = job_of_hostname(&k.description).and_then(|id| jobs.get(&id));
+        let recorded = job.and_then(|j| j.tailscale_key_id.as_deref());
+        let live =
+            job.is_some_and(|j| matches!(j.status(), JobStatus::Queued | JobStatus::Provisioning));
+        if live && recorded == Some(k.id.as_str()) {
+            continue;
+        }
+        if !old_enough(k.created, grace) {
+            report.too_young += 1;
+            continue;
+        }
+        match tailscale.revoke_key(&k.id).await {
+            Ok(()) => {
+                tracing::warn!(key = %k.id, description = %k.description, "revoked an unrecorded auth key");
+                crate::metrics::orphan_reaped("key");
+                report.keys_revoked.push(k.id.clone());
+            }
+            Err(e) => report.errors.push(format!("revoke key {}: {e}", k.id)),
         }
     }
     for e in &report.errors {

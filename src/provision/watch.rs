@@ -5,7 +5,8 @@
 //! When to poll: Hetzner reports each running action's `progress`, so the action watcher predicts
 //! when the earliest action will finish and polls just after that, which keeps both the request
 //! count and the detection delay small. With no progress to go on, and for devices, the tick
-//! starts short and backs off while nothing changes.
+//! starts short and backs off while nothing changes. A failed poll is not an error for anyone:
+//! the client already retried it, and the waiters simply wait for the next tick.
 
 use crate::clients::hetzner::{Action, ActionStatus, HetznerClient};
 use crate::clients::tailscale::{Device, DeviceFilter, TailscaleClient};
@@ -199,9 +200,9 @@ async fn action_loop(
     }
 }
 
+/// The poll gap after `idle` polls without news: the shared exponential schedule.
 fn backoff(min: Duration, max: Duration, idle: u32) -> Duration {
-    min.saturating_mul(2u32.saturating_pow(idle.min(10)))
-        .min(max)
+    crate::clients::retry::exp_delay(min, max, idle)
 }
 
 struct DeviceWaiter {

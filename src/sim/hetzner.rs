@@ -615,11 +615,11 @@ fn create_server(sim: &Sim, w: &mut World, req: &Req, now: DateTime<Utc>) -> Rep
     }
     let labels = body.labels.unwrap_or_default();
     for (k, v) in &labels {
-        if let Err(e) = crate::clients::hetzner::validate_label_key(k) {
+        if let Err(e) = super::labels::label_key_ok(k) {
             return invalid_input("labels", &e);
         }
-        if let Err(e) = crate::clients::hetzner::validate_label_value(v) {
-            return invalid_input("labels", &e);
+        if !super::labels::label_value_ok(v) {
+            return invalid_input("labels", &format!("label value '{v}' is invalid"));
         }
     }
     if body

@@ -1,10 +1,62 @@
 //! Hetzner label selectors, as the simulator evaluates them.
 //!
 //! Owns parsing and matching of `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (..)`, `k notin (..)`,
-//! with commas meaning AND (commas inside parentheses belong to the set). Must not panic on any
-//! input: a malformed selector is an `invalid_input` error for the caller to send.
+//! with commas meaning AND (commas inside parentheses belong to the set), and the rules for
+//! label keys and values on create. Written from the API's documentation, not shared with the
+//! client: the simulator judges requests by its own rules. Must not panic on any input: a
+//! malformed selector or label is an `invalid_input` error for the caller to send.
 
 use std::collections::BTreeMap;
+
+/// The documented value pattern `^[a-z0-9A-Z]([a-z0-9A-Z\._-]{0,61}[a-z0-9A-Z])?$`, or empty.
+pub fn label_value_ok(v: &str) -> bool {
+    v.is_empty() || label_name_ok(v)
+}
+
+fn label_name_ok(v: &str) -> bool {
+    let chars: Vec<char> = v.chars().collect();
+    let edge = |c: &char| c.is_ascii_alphanumeric();
+    let inner = |c: &char| c.is_ascii_alphanumeric() || "._-".contains(*c);
+    !chars.is_empty()
+        && chars.len() <= 63
+        && chars.first().is_some_and(edge)
+        && chars.last().is_some_and(edge)
+        && chars.iter().all(inner)
+}
+
+/// A key is `[prefix/]name`: the prefix a DNS subdomain outside `hetzner.cloud`, the name as a
+/// value but not empty.
+pub fn label_key_ok(k: &str) -> Result<(), String> {
+    let (prefix, name) = match k.rfind('/') {
+        Some(i) => (Some(&k[..i]), &k[i + 1..]),
+        None => (None, k),
+    };
+    if let Some(prefix) = prefix {
+        let dns_ok = !prefix.is_empty()
+            && prefix.len() <= 253
+            && prefix.split('.').all(|part| {
+                !part.is_empty()
+                    && part.len() <= 63
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            });
+        if !dns_ok {
+            return Err(format!("label key '{k}' has an invalid prefix"));
+        }
+        if prefix == "hetzner.cloud" || prefix.ends_with(".hetzner.cloud") {
+            return Err(format!(
+                "label key '{k}': the hetzner.cloud/ prefix is reserved"
+            ));
+        }
+    }
+    if !label_name_ok(name) {
+        return Err(format!("label key '{k}' is invalid"));
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, PartialEq)]
 enum Term {

@@ -328,6 +328,10 @@ pub struct SimState {
     /// Devices ever enrolled, by hostname (deleted ones included).
     #[serde(default)]
     pub enrollments_by_hostname: BTreeMap<String, u32>,
+    /// Injected faults that fired, by kind (`500`, `timeout`, …): a `timeout` is counted here
+    /// and under its route's real status in `requests`, since the work was done.
+    #[serde(default)]
+    pub faults_fired: BTreeMap<String, u64>,
 }
 
 impl SimState {
@@ -353,6 +357,7 @@ struct Stats {
     faults_injected: u64,
     log: VecDeque<RequestRecord>,
     rate_limited: Vec<RateLimitedRecord>,
+    faults_fired: BTreeMap<String, u64>,
 }
 
 struct Bucket {
@@ -421,6 +426,7 @@ impl Sim {
             faults_injected: st.faults_injected,
             creates_by_name,
             enrollments_by_hostname,
+            faults_fired: st.faults_fired.clone(),
         }
     }
 
@@ -462,6 +468,13 @@ impl Sim {
         };
 
         let fault = self.world().faults.fire(route);
+        if let Some(kind) = fault {
+            let name = serde_json::to_value(kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            *lock(&self.stats).faults_fired.entry(name).or_default() += 1;
+        }
         let reply = match api {
             Api::Hetzner => self.hetzner(route, &req, fault, &client),
             _ => match fault {
@@ -616,6 +629,7 @@ pub(crate) fn route_key(method: &Method, path: &str) -> (Api, &'static str) {
         ("GET", ["v1", "locations"]) => "GET /v1/locations",
         ("POST", ["api", "v2", "oauth", "token"]) => "POST /api/v2/oauth/token",
         ("POST", ["api", "v2", "tailnet", _, "keys"]) => "POST /api/v2/tailnet/{tailnet}/keys",
+        ("GET", ["api", "v2", "tailnet", _, "keys"]) => "GET /api/v2/tailnet/{tailnet}/keys",
         ("GET", ["api", "v2", "tailnet", _, "keys", _]) => {
             "GET /api/v2/tailnet/{tailnet}/keys/{id}"
         }

@@ -2,8 +2,8 @@
 //!
 //! Owns the OAuth client-credentials exchange (form body or HTTP Basic), key minting with
 //! Tailscale's rules (tags must match the OAuth client's full tag set; description of at most
-//! 50 alphanumerics, hyphens and spaces), device listing with exact-match filters, and device
-//! deletion. Errors are `{"message": ...}`. Devices only appear through enrollment in
+//! 50 alphanumerics, hyphens and spaces), key listing (ids of the active keys, as documented)
+//! and key details, device listing with exact-match filters, and device deletion. Errors are `{"message": ...}`. Devices only appear through enrollment in
 //! `world.rs`. Must not panic on input.
 
 use super::world::{SimDevice, SimKey};
@@ -58,6 +58,16 @@ pub(crate) fn handle(sim: &Sim, route: &'static str, req: &Req) -> Reply {
     let last = segs.last().copied().unwrap_or_default();
     match route {
         "POST /api/v2/tailnet/{tailnet}/keys" => create_key(sim, &mut w.keys, req, now),
+        // As documented: the ids of the active keys only; details come from the key itself.
+        "GET /api/v2/tailnet/{tailnet}/keys" => {
+            let ids: Vec<Value> = w
+                .keys
+                .values()
+                .filter(|k| !k.invalid(now))
+                .map(|k| json!({ "id": k.id }))
+                .collect();
+            Reply::json(200, &json!({ "keys": ids }))
+        }
         "GET /api/v2/tailnet/{tailnet}/keys/{id}" => match w.keys.get(last) {
             Some(k) => Reply::json(200, &key_json(k, now, false)),
             None => message(404, "key not found"),

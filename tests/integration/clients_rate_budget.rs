@@ -1,11 +1,14 @@
 //! The Hetzner rate budget against the simulator's per-project limit, with a small limit so
-//! the tests take seconds: bursts are spread out, nothing is sent between a 429 and its reset,
-//! and the budget recovers.
+//! the tests take seconds: bursts are spread out, after a 429 nothing is sent until one request
+//! has refilled (not until the reset, when the bucket is full again), and the budget recovers.
+//! The stall after a 429 is measured exactly in paused time, on the budget itself.
 
 use provisiond::clients::hetzner::{CreateServerRequest, HetznerClient};
+use provisiond::clients::rate_budget::RateBudget;
 use provisiond::secret::Secret;
 use provisiond::sim::{SimConfig, SimHandle, SimState, Simulator};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// 10 requests per second refill, at most 5 at once.
@@ -86,7 +89,7 @@ async fn a_burst_is_spread_out_instead_of_hitting_the_limit() {
 }
 
 #[tokio::test]
-async fn after_a_429_nothing_is_sent_before_reset_and_the_budget_recovers() {
+async fn after_a_429_nothing_is_sent_until_one_request_refilled_and_the_budget_recovers() {
     let h = small_budget_sim().await;
     let c = client(&h);
     let id = one_server(&c).await;
@@ -103,8 +106,8 @@ async fn after_a_429_nothing_is_sent_before_reset_and_the_budget_recovers() {
             .unwrap();
     }
 
-    // Our client still believes it has budget, meets a 429, must wait for the reset, and then
-    // gets through (rate_limit_exceeded is retried for reads).
+    // Our client still believes it has budget, meets a 429, waits for one refill (100 ms at
+    // 10/s), and then gets through (rate_limit_exceeded is retried for reads).
     for _ in 0..6 {
         assert!(c.get_server(id).await.unwrap().is_some());
     }
@@ -115,24 +118,30 @@ async fn after_a_429_nothing_is_sent_before_reset_and_the_budget_recovers() {
         .iter()
         .filter(|r| r.client == "hetzner#0")
         .collect();
-    assert!(
-        !ours.is_empty(),
-        "the scenario must produce a 429 for our client"
+    assert_eq!(
+        ours.len(),
+        1,
+        "exactly one 429: after it the client never sends into an empty bucket: {ours:?}"
     );
     let arrivals = our_arrivals(&st);
-    for limited in &ours {
-        let reset_us = limited.reset as i64 * 1_000_000;
-        let early: Vec<_> = arrivals
-            .iter()
-            .filter(|t| **t > limited.at_us && **t < reset_us)
-            .collect();
-        assert!(
-            early.is_empty(),
-            "requests at {early:?} between a 429 at {} and its reset {}",
-            limited.at_us,
-            reset_us
-        );
-    }
+    let limited = ours[0];
+    let next = arrivals
+        .iter()
+        .find(|t| **t > limited.at_us)
+        .expect("a request after the 429");
+    // One token takes 100 ms to refill; the next request waited for it (the sim's clock and
+    // ours differ by the request's transit, hence the margin below 100 ms).
+    assert!(
+        next - limited.at_us >= 90_000,
+        "next request {} µs after the 429",
+        next - limited.at_us
+    );
+    // And it did not wait for the announced reset (the bucket full again, 0.5 s away).
+    let reset_us = limited.reset as i64 * 1_000_000;
+    assert!(
+        *next < reset_us || reset_us - limited.at_us < 200_000,
+        "waited for the reset"
+    );
 
     // Recovery: with nobody else spending, the budget fills up again and no further 429s come.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -141,11 +150,82 @@ async fn after_a_429_nothing_is_sent_before_reset_and_the_budget_recovers() {
         "remaining {}",
         c.budget().remaining()
     );
-    assert!(c.budget().blocked_until().is_none());
     let before = h.state().rate_limited.len();
     for _ in 0..3 {
         assert!(c.get_server(id).await.unwrap().is_some());
     }
     assert_eq!(h.state().rate_limited.len(), before);
     h.shutdown().await;
+}
+
+/// 40 callers in flight when a 429 arrives on a 3600/h project; returns when each got its
+/// token, relative to the 429.
+async fn grants_after_a_429(limit_per_hour: u64) -> Vec<Duration> {
+    let b = Arc::new(RateBudget::new());
+    b.observe(Some(limit_per_hour), Some(50));
+    b.observe(Some(limit_per_hour), Some(0));
+    b.rate_limited();
+    let t0 = tokio::time::Instant::now();
+    let waiters: Vec<_> = (0..40)
+        .map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                b.acquire().await;
+                t0.elapsed()
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for w in waiters {
+        out.push(w.await.unwrap());
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_stalls_the_next_request_for_one_refill_not_until_the_bucket_is_full() {
+    let grants = grants_after_a_429(3600).await;
+    let stall = grants[0];
+    eprintln!("stall after a 429 at 3600/h: {stall:?}");
+    // One request refills in 1 s at 3600/h; the reset (bucket full) would be an hour away.
+    assert!(
+        stall >= Duration::from_millis(999),
+        "{stall:?}: sent into an empty bucket"
+    );
+    assert!(stall < Duration::from_secs(2), "{stall:?}");
+    let grants = grants_after_a_429(7200).await;
+    assert!(grants[0] >= Duration::from_millis(499) && grants[0] < Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_429_the_refill_is_spread_evenly_over_the_work_in_flight() {
+    let grants = grants_after_a_429(3600).await;
+    // One grant per refilled token: the k-th caller goes at k seconds, none earlier (that
+    // would send into an empty bucket) and none starved.
+    for (k, g) in grants.iter().enumerate() {
+        let due = Duration::from_secs(k as u64 + 1);
+        assert!(
+            *g + Duration::from_millis(1) >= due && *g <= due + Duration::from_millis(5),
+            "caller {k} got its token at {g:?}, due {due:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_token_is_handed_out_while_the_budget_is_empty() {
+    let b = Arc::new(RateBudget::new());
+    b.observe(Some(3600), Some(0));
+    b.rate_limited();
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.acquire().await })
+    };
+    tokio::time::sleep(Duration::from_millis(990)).await;
+    assert!(
+        !waiter.is_finished(),
+        "a request went out before a token refilled"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(waiter.is_finished());
 }

@@ -35,6 +35,9 @@ fn fault(route: &str, fault: FaultKind) -> Faults {
 const TOKEN: &str = "POST /api/v2/oauth/token";
 const KEYS: &str = "POST /api/v2/tailnet/{tailnet}/keys";
 const DEVICES: &str = "GET /api/v2/tailnet/{tailnet}/devices";
+const LIST_KEYS: &str = "GET /api/v2/tailnet/{tailnet}/keys";
+const GET_KEY: &str = "GET /api/v2/tailnet/{tailnet}/keys/{id}";
+const REVOKE: &str = "DELETE /api/v2/tailnet/{tailnet}/keys/{id}";
 
 #[tokio::test]
 async fn concurrent_callers_share_one_cached_token() {
@@ -69,7 +72,16 @@ async fn token_is_refreshed_a_minute_before_expiry() {
     c.list_devices(&DeviceFilter::default()).await.unwrap();
     c.list_devices(&DeviceFilter::default()).await.unwrap();
     assert_eq!(h.state().count(TOKEN), 1);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The cache runs on tokio's clock: jump it past the refresh point instead of sleeping. (Time
+    // runs again for the request itself, so that no HTTP timeout fires early.)
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_millis(900)).await;
+    tokio::time::resume();
+    c.list_devices(&DeviceFilter::default()).await.unwrap();
+    assert_eq!(h.state().count(TOKEN), 1, "not yet due");
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_millis(200)).await;
+    tokio::time::resume();
     c.list_devices(&DeviceFilter::default()).await.unwrap();
     assert_eq!(h.state().count(TOKEN), 2);
     h.shutdown().await;
@@ -210,9 +222,160 @@ async fn a_429_on_a_read_waits_for_retry_after_but_a_key_create_is_not_retried()
     assert!(h.state().keys.is_empty());
 
     h.set_faults(fault(DEVICES, FaultKind::BadGateway));
-    let e = c.list_devices(&DeviceFilter::default()).await.unwrap_err();
-    assert_eq!(e.status(), Some(502));
-    assert!(e.is_retryable());
+    let before = h.state().count(DEVICES);
+    c.list_devices(&DeviceFilter::default()).await.unwrap();
+    assert_eq!(
+        h.state().count(DEVICES),
+        before + 2,
+        "a 502 on a read is retried"
+    );
+    h.shutdown().await;
+}
+
+fn quick(h: &SimHandle) -> TailscaleClient {
+    let mut cfg = h.tailscale_config();
+    cfg.retry_base = Duration::from_millis(5);
+    cfg.request_timeout = Duration::from_millis(300);
+    TailscaleClient::new(cfg)
+}
+
+fn rules(list: &[(&str, FaultKind)]) -> Faults {
+    Faults {
+        rules: list
+            .iter()
+            .map(|(route, fault)| FaultRule {
+                route: route.to_string(),
+                fault: *fault,
+                times: Some(1),
+                probability: None,
+            })
+            .collect(),
+        ..Faults::default()
+    }
+}
+
+#[tokio::test]
+async fn every_idempotent_call_is_retried_through_5xx_and_timeouts() {
+    let h = sim(SimConfig {
+        hang: Duration::from_secs(2),
+        ..SimConfig::default()
+    })
+    .await;
+    let c = quick(&h);
+    h.set_faults(rules(&[
+        (TOKEN, FaultKind::ServerError),
+        (TOKEN, FaultKind::Timeout),
+        (DEVICES, FaultKind::Unavailable),
+        (DEVICES, FaultKind::Timeout),
+        (LIST_KEYS, FaultKind::GatewayTimeout),
+        (GET_KEY, FaultKind::ServerError),
+        (REVOKE, FaultKind::BadGateway),
+        (REVOKE, FaultKind::Timeout),
+        ("DELETE /api/v2/device/{id}", FaultKind::ServerError),
+    ]));
+    c.list_devices(&DeviceFilter::default()).await.unwrap();
+    let k = c
+        .create_auth_key(&key("pv-one", &["tag:customer-vm"]))
+        .await
+        .unwrap();
+    assert_eq!(c.keys_described("pv-one").await.unwrap().len(), 1);
+    c.revoke_key(&k.id).await.unwrap();
+    c.delete_device("nNOSUCHCNTRL").await.unwrap();
+    let st = h.state();
+    assert!(st.keys.iter().all(|k| k.revoked.is_some()));
+    assert_eq!(
+        st.count_status(REVOKE, 200),
+        2,
+        "the timed-out revoke happened and was repeated"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn keys_are_found_by_description_from_a_listing_of_ids() {
+    let h = sim(SimConfig::default()).await;
+    let c = quick(&h);
+    let a = c.create_auth_key(&key("pv-job-a", &[])).await.unwrap();
+    let a2 = c.create_auth_key(&key("pv-job-a", &[])).await.unwrap();
+    c.create_auth_key(&key("pv-job-b", &[])).await.unwrap();
+    c.revoke_key(&a2.id).await.unwrap();
+    // The listing has ids only (as documented); details come from each key.
+    let listed: serde_json::Value = provisiond::tls::http_client()
+        .get(format!("{}api/v2/tailnet/-/keys", h.tailscale_base_url()))
+        .bearer_auth(
+            serde_json::from_str::<serde_json::Value>(
+                &provisiond::tls::http_client()
+                    .post(format!("{}api/v2/oauth/token", h.tailscale_base_url()))
+                    .form(&[
+                        ("client_id", h.config().tailscale_client_id.as_str()),
+                        ("client_secret", h.config().tailscale_client_secret.expose()),
+                    ])
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap(),
+            )
+            .unwrap()["access_token"]
+                .as_str()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = listed["keys"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "revoked keys are not active: {listed}");
+    assert!(entries.iter().all(|k| k.as_object().unwrap().len() == 1));
+
+    let found = c.keys_described("pv-job-a").await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, a.id);
+    assert!(!found[0].invalid && found[0].created.is_some());
+    assert!(c.keys_described("pv-job-c").await.unwrap().is_empty());
+    assert_eq!(
+        c.get_key(&a2.id).await.unwrap().map(|k| k.invalid),
+        Some(true)
+    );
+    assert_eq!(c.get_key("kNOSUCHKEYCNTRL").await.unwrap(), None);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_wrong_oauth_credential_is_one_definitive_error_and_a_transient_one_is_retried() {
+    let h = sim(SimConfig::default()).await;
+    let patience = provisiond::clients::retry::RetryPolicy {
+        base: Duration::from_millis(5),
+        cap: Duration::from_millis(50),
+        max_retries: 5,
+    };
+    let mut cfg = h.tailscale_config();
+    cfg.client_secret = Secret::new("tskey-client-wrong");
+    let wrong = TailscaleClient::new(cfg);
+    let e = wrong.check_credentials(&patience).await.unwrap_err();
+    assert!(e.is_bad_credential(), "{e:?}");
+    assert!(!e.is_retryable());
+    let line = e.to_string();
+    assert!(
+        line.contains("OAuth client rejected") && !line.contains("wrong"),
+        "{line}"
+    );
+    assert_eq!(
+        h.state().count(TOKEN),
+        1,
+        "a refused credential is not asked again"
+    );
+
+    h.set_faults(rules(&[
+        (TOKEN, FaultKind::ServerError),
+        (TOKEN, FaultKind::BadGateway),
+    ]));
+    let right = quick(&h);
+    right.check_credentials(&patience).await.unwrap();
+    assert_eq!(h.state().count(TOKEN), 4);
     h.shutdown().await;
 }
 

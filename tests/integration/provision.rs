@@ -363,7 +363,7 @@ async fn assert_rolled_back(env: &Env, j: &Job) {
         j.failed_step
     );
     assert_eq!(devices_of(&env.sim, j.id), 0);
-    let desc = format!("provisiond job {}", j.id.simple());
+    let desc = provisiond::provision::key_description(j.id);
     assert!(
         state
             .keys
@@ -591,7 +591,7 @@ async fn a_device_that_never_joins_fails_at_the_deadline_and_rolls_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transient_faults_and_rate_limits_leave_no_job_stuck_and_no_request_inside_a_429() {
+async fn transient_faults_and_rate_limits_leave_no_job_stuck_or_failed() {
     // After a 429 the budget refills at limit/3600 per second, as Hetzner's does; a large
     // project limit keeps that recovery quick enough for a test.
     let mut sim = SimConfig {
@@ -657,34 +657,14 @@ async fn transient_faults_and_rate_limits_leave_no_job_stuck_and_no_request_insi
         }
     }
     assert!(
-        done.iter()
-            .filter(|j| j.status() == JobStatus::Running)
-            .count()
-            >= 5,
-        "transient faults should not fail jobs: {done:?}"
+        done.iter().all(|j| j.status() == JobStatus::Running),
+        "transient faults cost retries, not jobs: {done:?}"
     );
-    // After a 429, nothing went to Hetzner from our client before the reset it announced.
+    // Only the injected 429s: after each, the budget waited for a refill instead of sending
+    // into an empty bucket, so the simulator's own limit never refused anything.
     let state = env.sim.state();
     assert!(!state.rate_limited.is_empty(), "the 429 faults fired");
-    for r in &state.rate_limited {
-        let reset_us = r.reset as i64 * 1_000_000;
-        let inside: Vec<_> = state
-            .log
-            .iter()
-            .filter(|q| {
-                q.client == r.client
-                    && q.at_us > r.at_us
-                    && q.at_us < reset_us
-                    && q.route.contains(" /v1/")
-            })
-            .collect();
-        assert!(
-            inside.is_empty(),
-            "requests between a 429 at {} and its reset {}: {inside:?}",
-            r.at_us,
-            r.reset
-        );
-    }
+    assert!(state.rate_limited.len() <= 3, "{:?}", state.rate_limited);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -809,5 +789,286 @@ async fn two_daemons_on_one_database_provision_100_jobs_without_duplicates() {
         state.count("POST /v1/servers"),
         100,
         "each job created exactly once"
+    );
+}
+
+/// A provisioner whose clients give up on an answer after `timeout` (the simulator's `timeout`
+/// fault hangs longer), with quick retries.
+fn impatient_provisioner(sim: &SimHandle, deadline: Duration, timeout: Duration) -> Provisioner {
+    let mut h = sim.hetzner_config();
+    h.retry_base = Duration::from_millis(20);
+    h.request_timeout = timeout;
+    let mut t = sim.tailscale_config();
+    t.retry_base = Duration::from_millis(20);
+    t.request_timeout = timeout;
+    Provisioner::new(
+        HetznerClient::new(h),
+        TailscaleClient::new(t),
+        provisioner(sim, deadline).settings().clone(),
+        WatchSettings {
+            min_interval: Duration::from_millis(20),
+            max_interval: Duration::from_millis(300),
+            device_max_interval: Duration::from_millis(100),
+        },
+    )
+}
+
+/// The keys minted for a job, from the simulator's point of view.
+fn keys_of(sim: &SimHandle, job: Uuid) -> Vec<provisiond::sim::SimKey> {
+    let desc = provisiond::provision::key_description(job);
+    sim.state()
+        .keys
+        .into_iter()
+        .filter(|k| k.description == desc)
+        .collect()
+}
+
+fn valid(k: &provisiond::sim::SimKey) -> bool {
+    k.revoked.is_none() && (k.reusable || k.uses == 0) && k.expires > chrono::Utc::now()
+}
+
+#[test]
+fn a_key_description_names_its_job_within_tailscales_rules() {
+    let id = Uuid::new_v4();
+    let d = provisiond::provision::key_description(id);
+    assert!(d.starts_with("pv-") && d.contains(&id.simple().to_string()));
+    provisiond::clients::tailscale::validate_description(&d).unwrap();
+    assert!(d.len() <= 50, "{} chars", d.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_mint_and_checkpoint_leaves_no_valid_key_after_the_resume() {
+    let env = env(SimConfig::default()).await;
+    let id = env
+        .queue
+        .enqueue(&job("eu-central"))
+        .await
+        .unwrap()
+        .job()
+        .id;
+    crash_at(&env, "after_key").await;
+    let orphan = keys_of(&env.sim, id);
+    assert_eq!(
+        orphan.len(),
+        1,
+        "the dead attempt minted a key it never recorded"
+    );
+    assert!(
+        env.queue
+            .get(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .tailscale_key_id
+            .is_none()
+    );
+
+    let (stop, task) = worker(
+        &env,
+        provisioner(&env.sim, Duration::from_secs(30)),
+        "survivor",
+    );
+    let j = settle(&env.queue, &[id], Duration::from_secs(30))
+        .await
+        .remove(0);
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(j.status(), JobStatus::Running, "{:?}", j.last_error);
+    let keys = keys_of(&env.sim, id);
+    assert_eq!(keys.len(), 2);
+    let first = keys.iter().find(|k| k.id == orphan[0].id).unwrap();
+    assert!(
+        first.revoked.is_some(),
+        "the unrecorded key was revoked: {first:?}"
+    );
+    assert!(keys.iter().all(|k| !valid(k)), "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mint_that_times_out_is_resolved_in_the_step_and_its_key_revoked() {
+    let mut sim = SimConfig {
+        hang: Duration::from_secs(2),
+        ..SimConfig::default()
+    };
+    sim.faults.rules = vec![fault("POST /api/v2/tailnet/{tailnet}/keys", "timeout", 1)];
+    let env = env(sim).await;
+    let p = impatient_provisioner(
+        &env.sim,
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+    );
+    let j = run_jobs(&env, p, &[job("us-east")], Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(j.status(), JobStatus::Running, "{:?}", j.last_error);
+    assert_eq!(
+        j.retry_count, 0,
+        "resolved inside the step, no attempt spent"
+    );
+    let keys = keys_of(&env.sim, j.id);
+    assert_eq!(keys.len(), 2, "the timed-out mint happened, then one more");
+    let timed_out = keys
+        .iter()
+        .find(|k| Some(&k.id) != j.tailscale_key_id.as_ref())
+        .unwrap();
+    assert!(timed_out.revoked.is_some(), "{timed_out:?}");
+    assert!(keys.iter().all(|k| !valid(k)), "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_revokes_unrecorded_keys_after_the_grace_and_never_a_live_jobs_key() {
+    use provisiond::clients::tailscale::CreateKey;
+    use provisiond::provision::{key_description, reaper::reap};
+    let env = env(SimConfig::default()).await;
+    let p = provisioner(&env.sim, Duration::from_secs(30));
+    let t = p.tailscale();
+    let mint = |desc: String| {
+        let t = t.clone();
+        async move {
+            t.create_auth_key(&CreateKey::single_use(
+                desc,
+                Duration::from_secs(600),
+                vec![],
+            ))
+            .await
+            .unwrap()
+            .id
+        }
+    };
+    // A job that ended, and a key with its description left valid (say, by a bug).
+    let done = run_jobs(&env, p.clone(), &[job("us-east")], Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(done.status(), JobStatus::Running);
+    let leftover = mint(key_description(done.id)).await;
+    // A live job (queued again after its worker died) that recorded its key.
+    let live = env
+        .queue
+        .enqueue(&job("eu-central"))
+        .await
+        .unwrap()
+        .job()
+        .id;
+    crash_at(&env, "after_checkpoint:key_minted").await;
+    let recorded = env
+        .queue
+        .get(live)
+        .await
+        .unwrap()
+        .unwrap()
+        .tailscale_key_id
+        .unwrap();
+    // More keys no live job records: a second one of the live job, and one of a job this
+    // database never had. And one that is not ours at all.
+    let unrecorded = mint(key_description(live)).await;
+    let ghost = mint(key_description(Uuid::new_v4())).await;
+    let foreign = mint("ci runner".to_owned()).await;
+
+    let tags = vec!["tag:customer-vm".to_owned()];
+    let young = reap(
+        &env.queue,
+        p.hetzner(),
+        p.tailscale(),
+        &tags,
+        Duration::from_secs(3600),
+    )
+    .await;
+    assert!(young.keys_revoked.is_empty(), "{young:?}");
+    assert!(young.too_young >= 3, "{young:?}");
+
+    let report = reap(
+        &env.queue,
+        p.hetzner(),
+        p.tailscale(),
+        &tags,
+        Duration::ZERO,
+    )
+    .await;
+    let mut revoked = report.keys_revoked.clone();
+    revoked.sort();
+    let mut want = vec![unrecorded, ghost, leftover];
+    want.sort();
+    assert_eq!(revoked, want, "{report:?}");
+    assert!(report.errors.is_empty(), "{report:?}");
+    let state = env.sim.state();
+    let key = |id: &str| state.keys.iter().find(|k| k.id == id).unwrap().clone();
+    assert!(
+        valid(&key(&recorded)),
+        "a live job's recorded key is never revoked"
+    );
+    assert!(
+        valid(&key(&foreign)),
+        "keys we did not describe are never touched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forty_jobs_at_20_percent_transient_faults_on_every_endpoint_all_end_running() {
+    // 5 % each of 500, 503, 504 and a hang past the client's timeout, on every route, in
+    // sequence: 1 - 0.95 · (18/19) · (17/18) · (16/17) = 20 % of requests fail.
+    let rule = |kind: &str, p: f64| -> provisiond::sim::FaultRule {
+        serde_json::from_value(serde_json::json!({ "route": "*", "fault": kind, "probability": p }))
+            .unwrap()
+    };
+    let mut sim = SimConfig {
+        hang: Duration::from_secs(1),
+        ..SimConfig::default()
+    };
+    sim.faults.rules = vec![
+        rule("500", 0.05),
+        rule("503", 1.0 / 19.0),
+        rule("504", 1.0 / 18.0),
+        rule("timeout", 1.0 / 17.0),
+    ];
+    let env = env(sim).await;
+    let p = impatient_provisioner(
+        &env.sim,
+        Duration::from_secs(90),
+        Duration::from_millis(250),
+    );
+    let jobs: Vec<NewJob> = (0..40)
+        .map(|i| job(["eu-central", "us-east", "us-west", "ap-southeast"][i % 4]))
+        .collect();
+    let done = run_jobs(&env, p.clone(), &jobs, Duration::from_secs(240)).await;
+    let state = env.sim.state();
+    let faulted: u64 = state.faults_fired.values().sum();
+    let total = state.total_requests;
+    let failed: Vec<_> = done
+        .iter()
+        .filter(|j| j.status() != JobStatus::Running)
+        .collect();
+    let attempts: i32 = done.iter().map(|j| j.retry_count).sum();
+    eprintln!(
+        "40 jobs: {faulted} of {total} requests faulted ({:.1} %: {:?}); {} failed; {attempts} \
+         extra attempts",
+        100.0 * faulted as f64 / total as f64,
+        state.faults_fired,
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    for j in &done {
+        assert_eq!(
+            servers_of(&env.sim, j.id),
+            vec![j.server_id.unwrap()],
+            "one server for {}",
+            j.id
+        );
+    }
+    // After a reap, no key minted for any job is still valid.
+    env.sim.set_faults(Default::default());
+    let tags = vec!["tag:customer-vm".to_owned()];
+    let report = provisiond::provision::reaper::reap(
+        &env.queue,
+        p.hetzner(),
+        p.tailscale(),
+        &tags,
+        Duration::ZERO,
+    )
+    .await;
+    assert!(report.errors.is_empty(), "{report:?}");
+    let valid_keys: Vec<_> = env.sim.state().keys.into_iter().filter(valid).collect();
+    assert!(
+        valid_keys.is_empty(),
+        "valid keys after a reap: {valid_keys:?}"
     );
 }
