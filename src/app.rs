@@ -188,13 +188,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let http = if config.http.listen.is_empty() {
         None
     } else {
-        let state = crate::http::HttpState {
-            queue: queue.clone(),
-            settings: crate::http::HttpSettings::from_config(&config.http, &config.regions)?,
-            regions: config.regions.clone(),
-            database_url: config.database_url()?.clone(),
-            connect_timeout: config.database.connect_timeout,
-        };
+        let state = crate::http::HttpState::new(
+            queue.clone(),
+            crate::http::HttpSettings::from_config(&config.http, &config.regions)?,
+            config.regions.clone(),
+            config.database_url()?.clone(),
+            config.database.connect_timeout,
+        );
         let (_addr, task) =
             crate::http::serve(state, &config.http.listen, http_stop.clone()).await?;
         Some(task)

@@ -135,13 +135,13 @@ async fn http_in(url: &Secret, args: &HttpBenchArgs) -> anyhow::Result<String> {
         runner_secret: Some(Secret::new(RUNNER_SECRET)),
         ..HttpSettings::from_config(&HttpConfig::default(), &Regions::default())?
     };
-    let state = HttpState {
-        queue: queue.clone(),
+    let state = HttpState::new(
+        queue.clone(),
         settings,
-        regions: Regions::default(),
-        database_url: url.clone(),
-        connect_timeout: Duration::from_secs(5),
-    };
+        Regions::default(),
+        url.clone(),
+        Duration::from_secs(5),
+    );
     let stop = CancellationToken::new();
     let (addr, server) = serve(state, "127.0.0.1:0", stop.clone()).await?;
 

@@ -282,6 +282,19 @@ pub struct HttpConfig {
     pub body_limit: usize,
     /// Region of a paid order whose metadata names none (the seed's column default).
     pub default_region: String,
+    /// A connection whose request headers are not complete this long after it was accepted (or
+    /// after its previous response) is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A request whose body has not fully arrived this long after its headers gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Most connections served at once; at the cap, the oldest connection waiting for a request
+    /// is closed to make room.
+    pub max_connections: usize,
+    /// `/readyz` answers 503 when the database has not answered within this.
+    #[serde(with = "humantime_serde")]
+    pub readiness_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -296,6 +309,10 @@ impl Default for HttpConfig {
             runner_timestamp_tolerance: Duration::from_secs(300),
             body_limit: 64 * 1024,
             default_region: "us-east".to_owned(),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 512,
+            readiness_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -463,6 +480,20 @@ impl Config {
         }
         if self.sweep.schedule.trim().is_empty() {
             return invalid("sweep.schedule must be a cron expression".into());
+        }
+        let h = &self.http;
+        // Zero would disable the limit it names (hyper reads `None` as "no timeout").
+        if h.header_read_timeout.is_zero()
+            || h.body_read_timeout.is_zero()
+            || h.readiness_timeout.is_zero()
+        {
+            return invalid(
+                "http.header_read_timeout, http.body_read_timeout and http.readiness_timeout must be > 0"
+                    .into(),
+            );
+        }
+        if h.max_connections < 2 {
+            return invalid("http.max_connections must be at least 2".into());
         }
         Ok(())
     }

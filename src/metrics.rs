@@ -39,6 +39,7 @@ struct Metrics {
     webhooks: Counters<2>,
     jobs: Gauges<1>,
     oldest_queued_age: Gauge<f64, AtomicU64>,
+    http_evictions: Counter,
 }
 
 /// Seconds, 10 ms to ~80 min: claim latency is sub-second, a step waiting on a VM takes minutes.
@@ -108,6 +109,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Age of the oldest claimable queued job (0 when none), read at scrape time",
         oldest_queued_age.clone(),
     );
+    let http_evictions = Counter::default();
+    registry.register(
+        "http_connections_evicted",
+        "Idle or half-open HTTP connections closed to admit a new one at http.max_connections",
+        http_evictions.clone(),
+    );
     Metrics {
         registry,
         claim_latency,
@@ -120,6 +127,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         webhooks,
         jobs,
         oldest_queued_age,
+        http_evictions,
     }
 });
 
@@ -142,18 +150,72 @@ pub fn step_finished(step: &str, duration: Duration, ok: bool) {
         .observe(duration.as_secs_f64());
 }
 
-/// One call to an external API. `api` is `hetzner` or `tailscale`; `endpoint` must be the
-/// templated path (`/servers/{id}`), never one with an id in it; `code` is the HTTP status or a
-/// transport error word (`timeout`, `connect`).
+/// One call to an external API. `api` is `hetzner` or `tailscale`; `endpoint` is the request
+/// path, templated or not (see [`endpoint_template`]); `code` is the HTTP status or a transport
+/// error word (`timeout`, `connect`).
 pub fn api_call(api: &str, endpoint: &str, code: &str) {
     METRICS
         .api_calls
         .get_or_create(&[
             ("api", api.to_owned()),
-            ("endpoint", endpoint.to_owned()),
+            ("endpoint", endpoint_template(endpoint)),
             ("code", code.to_owned()),
         ])
         .inc();
+}
+
+/// The path words of the Hetzner and Tailscale APIs we call: collections and action verbs.
+/// Anything else in a path is a value (an id, a key id, a tailnet name).
+const ENDPOINT_WORDS: &[&str] = &[
+    "actions",
+    "api",
+    "device",
+    "devices",
+    "keys",
+    "locations",
+    "name",
+    "oauth",
+    "poweroff",
+    "poweron",
+    "reboot",
+    "reset",
+    "server_types",
+    "servers",
+    "shutdown",
+    "tags",
+    "tailnet",
+    "token",
+    "v1",
+    "v2",
+];
+
+/// `endpoint` with every segment that is not a known API word (or already a `{placeholder}`)
+/// replaced by `{id}` (`{tailnet}` after `tailnet`). An allow-list, not a guess at what an id
+/// looks like: Tailscale key ids such as `kAbCDEFCNTRL` have no digit, and a label must never
+/// carry one whatever its characters, or the series count grows with every key.
+pub fn endpoint_template(endpoint: &str) -> String {
+    let path = endpoint.split(['?', '#']).next().unwrap_or_default();
+    let mut prev = "";
+    let mut out = Vec::new();
+    for seg in path.split('/') {
+        let keep = seg.is_empty()
+            || ENDPOINT_WORDS.contains(&seg)
+            || (seg.starts_with('{') && seg.ends_with('}') && prev != "tailnet");
+        out.push(if keep {
+            seg
+        } else if prev == "tailnet" {
+            "{tailnet}"
+        } else {
+            "{id}"
+        });
+        prev = seg;
+    }
+    out.join("/")
+}
+
+/// An idle or half-open HTTP connection was closed to make room at `http.max_connections`.
+pub fn http_connection_evicted() {
+    METRICS.http_evictions.inc();
 }
 
 /// The rate-limit budget an API last reported.
@@ -242,5 +304,33 @@ mod tests {
         assert!(text.contains(r#"provisiond_rate_limit_remaining{api="hetzner"} 3599"#));
         assert!(text.contains(r#"provisiond_jobs{status="queued"} 7"#));
         assert!(text.contains(r#"provisiond_jobs{status="cancelled"} 0"#));
+    }
+
+    #[test]
+    fn an_id_never_reaches_the_endpoint_label_whatever_its_characters() {
+        for (path, want) in [
+            // Tailscale key and node ids without a digit (the leak this guards against).
+            (
+                "/tailnet/{tailnet}/keys/kAbCDEFCNTRL",
+                "/tailnet/{tailnet}/keys/{id}",
+            ),
+            ("/tailnet/-/keys/kXyZCNTRL", "/tailnet/{tailnet}/keys/{id}"),
+            ("/tailnet/example.com/devices", "/tailnet/{tailnet}/devices"),
+            ("/device/nodeABCDEF", "/device/{id}"),
+            (
+                "/servers/42/actions/poweron",
+                "/servers/{id}/actions/poweron",
+            ),
+            ("/servers/{id}", "/servers/{id}"),
+            ("/actions?id=1&id=2", "/actions"),
+            ("/server_types", "/server_types"),
+            ("/tailnet/{id}/keys", "/tailnet/{tailnet}/keys"),
+        ] {
+            assert_eq!(endpoint_template(path), want, "{path}");
+        }
+        api_call("tailscale", "/tailnet/{tailnet}/keys/kSecretCNTRL", "200");
+        let text = encode_text();
+        assert!(!text.contains("kSecretCNTRL"), "{text}");
+        assert!(text.contains(r#"api="tailscale",endpoint="/tailnet/{tailnet}/keys/{id}""#));
     }
 }

@@ -253,15 +253,24 @@ pub fn healthz() -> Response {
     json(StatusCode::OK, &json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: the database answers and no migration is pending.
+/// `GET /readyz`: the database answers a pooled query within `http.readiness_timeout` and no
+/// migration is pending (checked once, see [`HttpState`]). No probe opens a connection of its
+/// own, so unauthenticated probes cannot exhaust the database's sessions.
 pub async fn readyz(state: &HttpState) -> Result<Response, ApiError> {
-    state.queue.ping().await?;
-    let pending = crate::db::pending_migrations(&state.database_url, state.connect_timeout)
-        .await
-        .map_err(|e| {
+    let check = async {
+        state.queue.ping().await?;
+        let pending = state.migrations_pending().await.map_err(|e| {
             tracing::warn!(error = %e, "readiness: migration check failed");
             ApiError::Unavailable
         })?;
+        Ok::<_, ApiError>(pending)
+    };
+    let pending = tokio::time::timeout(state.settings.readiness_timeout, check)
+        .await
+        .map_err(|_| {
+            tracing::warn!("readiness: the database did not answer in time");
+            ApiError::Unavailable
+        })??;
     if pending {
         return Err(ApiError::Unready("migrations are pending"));
     }

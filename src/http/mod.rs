@@ -3,15 +3,18 @@
 //!
 //! Layout: `routes` (the route table and the one filter), `webhooks` and `api` (handlers, which
 //! build their own replies), `signatures` (HMAC and bearer checks), `steps` (the web app's
-//! progress steps), `error` (the one error → JSON mapping). Must not: do slow work inside a
-//! request (webhooks enqueue and return), write anything for a rejected request, or log a
-//! secret, signature or body.
+//! progress steps), `text` (what client text may be stored), `error` (the one error → JSON
+//! mapping), `server` (the accept loop: connection cap, header timeout). Must not: do slow work
+//! inside a request (webhooks enqueue and return), write anything for a rejected request, or
+//! log a secret, signature or body.
 
 mod api;
 mod error;
 mod routes;
+mod server;
 mod signatures;
 mod steps;
+mod text;
 mod webhooks;
 
 pub use api::OPENAPI;
@@ -57,6 +60,10 @@ pub struct HttpSettings {
     pub runner_timestamp_tolerance: Duration,
     pub body_limit: usize,
     pub default_region: String,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_connections: usize,
+    pub readiness_timeout: Duration,
 }
 
 fn read_secret(key: &'static str, path: Option<&Path>) -> Result<Option<Secret>, HttpError> {
@@ -100,6 +107,10 @@ impl HttpSettings {
             runner_timestamp_tolerance: config.runner_timestamp_tolerance,
             body_limit: config.body_limit,
             default_region: config.default_region.clone(),
+            header_read_timeout: config.header_read_timeout,
+            body_read_timeout: config.body_read_timeout,
+            max_connections: config.max_connections,
+            readiness_timeout: config.readiness_timeout,
         })
     }
 }
@@ -109,9 +120,61 @@ pub struct HttpState {
     pub queue: Queue,
     pub settings: HttpSettings,
     pub regions: Regions,
-    /// For the readiness check's pending-migrations query.
-    pub database_url: Secret,
-    pub connect_timeout: Duration,
+    /// For the one pending-migrations check (it needs its own connection).
+    database_url: Secret,
+    connect_timeout: Duration,
+    /// Whether migrations are pending, checked once (at start, or by the first probe after a
+    /// failed check) and then remembered: schema changes only come with a new binary, and an
+    /// unauthenticated probe must not cost a connection of its own.
+    migrations_checked: tokio::sync::OnceCell<bool>,
+}
+
+impl HttpState {
+    pub fn new(
+        queue: Queue,
+        settings: HttpSettings,
+        regions: Regions,
+        database_url: Secret,
+        connect_timeout: Duration,
+    ) -> Self {
+        HttpState {
+            queue,
+            settings,
+            regions,
+            database_url,
+            connect_timeout,
+            migrations_checked: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Whether this binary's migrations are pending; asks the database only until it answered.
+    async fn migrations_pending(&self) -> Result<bool, crate::db::DbError> {
+        self.migrations_checked
+            .get_or_try_init(|| {
+                crate::db::pending_migrations(&self.database_url, self.connect_timeout)
+            })
+            .await
+            .copied()
+    }
+}
+
+/// A listener with a backlog of 1024 (the std default is 128): connections beyond the cap wait
+/// there in arrival order instead of having their SYNs dropped and retried out of order.
+async fn bind(listen: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(1024)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no address to listen on")))
 }
 
 /// Binds `listen` (port 0 picks a free port) and serves until `shutdown` fires; in-flight
@@ -125,14 +188,18 @@ pub async fn serve(
         addr: listen.to_owned(),
         source,
     };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(bind_err)?;
+    let listener = bind(listen).await.map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
-    let server = warp::serve(routes::all(Arc::new(state)))
-        .incoming(listener)
-        .graceful(shutdown.cancelled_owned())
-        .run();
-    tracing::info!(%addr, "http listening");
-    Ok((addr, tokio::spawn(server)))
+    if let Err(e) = state.migrations_pending().await {
+        tracing::warn!(error = %e, "cannot check migrations now; /readyz will ask again");
+    }
+    let limits = server::Limits {
+        max_connections: state.settings.max_connections,
+        header_read_timeout: state.settings.header_read_timeout,
+    };
+    tracing::info!(%addr, max_connections = limits.max_connections, "http listening");
+    Ok((
+        addr,
+        tokio::spawn(server::run(listener, Arc::new(state), limits, shutdown)),
+    ))
 }

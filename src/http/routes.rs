@@ -88,25 +88,43 @@ fn find_route<'a>(
     method: &Method,
     path: &'a str,
 ) -> Result<(&'static str, RouteId, Option<&'a str>), ApiError> {
-    let mut path_known = false;
+    let mut allowed: Vec<&str> = Vec::new();
     for (m, template, id) in ROUTES {
         if let Some(param) = match_template(template, path) {
             if *m == method.as_str() {
                 return Ok((template, *id, param));
             }
-            path_known = true;
+            allowed.push(m);
         }
     }
-    if path_known {
-        Err(ApiError::MethodNotAllowed)
+    if !allowed.is_empty() {
+        Err(ApiError::MethodNotAllowed {
+            allow: allowed.join(", "),
+        })
     } else {
         Err(ApiError::NotFound("no such route".into()))
     }
 }
 
-/// Reads the body up to `limit` bytes. A declared or actual length over it is a 413, decided
-/// before anything is parsed.
-async fn read_body<S, B>(headers: &HeaderMap, stream: S, limit: usize) -> Result<Bytes, ApiError>
+/// Reads the body up to `limit` bytes within `deadline`. A declared or actual length over the
+/// limit is a 413, decided before anything is parsed; a body still incomplete at the deadline
+/// is a 408 (a client trickling its body must not hold a connection and a handler forever).
+async fn read_body<S, B>(
+    headers: &HeaderMap,
+    stream: S,
+    limit: usize,
+    deadline: std::time::Duration,
+) -> Result<Bytes, ApiError>
+where
+    S: futures::Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: bytes::Buf,
+{
+    tokio::time::timeout(deadline, read_limited(headers, stream, limit))
+        .await
+        .map_err(|_| ApiError::RequestTimeout)?
+}
+
+async fn read_limited<S, B>(headers: &HeaderMap, stream: S, limit: usize) -> Result<Bytes, ApiError>
 where
     S: futures::Stream<Item = Result<B, warp::Error>> + Unpin,
     B: bytes::Buf,
@@ -167,9 +185,10 @@ pub fn all(
                         Err(e) => e.into_response(),
                         Ok((_, id, param)) => {
                             let param = param.map(str::to_owned);
-                            match read_body(&headers, Box::pin(stream), state.settings.body_limit)
-                                .await
-                            {
+                            let settings = &state.settings;
+                            let (limit, deadline) =
+                                (settings.body_limit, settings.body_read_timeout);
+                            match read_body(&headers, Box::pin(stream), limit, deadline).await {
                                 Err(e) => e.into_response(),
                                 Ok(body) => {
                                     let request = Request {
@@ -240,7 +259,7 @@ mod tests {
         assert_eq!(match_template("/api/jobs", "/api/jobs/"), None);
         assert!(matches!(
             find_route(&Method::DELETE, "/api/jobs"),
-            Err(ApiError::MethodNotAllowed)
+            Err(ApiError::MethodNotAllowed { allow }) if allow == "POST, GET"
         ));
         assert!(matches!(
             find_route(&Method::GET, "/nope"),

@@ -23,6 +23,19 @@
 use crate::domain::JobStatus;
 use serde::Serialize;
 
+/// Every step name a job can report, first to last: the daemon's steps and the runners' (seed
+/// 004's `vm_created` → `network_configured` → `ansible_started` → `ansible_complete`) merged
+/// in the order the table above puts them. Progress never moves backwards along it: a runner
+/// callback naming an earlier step than the job's current one is a replay and changes nothing.
+pub const STEP_ORDER: [&str; 6] = [
+    "key_minted",
+    "vm_created",
+    "vm_running",
+    "network_configured",
+    "ansible_started",
+    "ansible_complete",
+];
+
 const UI_STEPS: [(&str, &str); 5] = [
     ("queued", "Queued"),
     ("creating", "Creating Server"),
@@ -87,6 +100,12 @@ mod tests {
 
     fn states(status: JobStatus, step: Option<&str>) -> Vec<StepState> {
         derive(status, step).into_iter().map(|s| s.status).collect()
+    }
+
+    #[test]
+    fn step_order_never_moves_the_ui_backwards() {
+        let ui: Vec<usize> = STEP_ORDER.iter().map(|s| active_index(Some(s))).collect();
+        assert!(ui.windows(2).all(|w| w[0] <= w[1]), "{ui:?}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use super::HttpState;
 use super::error::{ApiError, json};
 use super::routes::Request;
 use super::signatures::{self, SignatureError};
+use super::{steps, text};
 use crate::domain::{Executor, valid_business_key};
 use crate::metrics;
 use crate::queue::{
@@ -72,17 +73,21 @@ pub async fn stripe(state: &HttpState, req: Request) -> Result<Response, ApiErro
         metrics::webhook("stripe", "bad_json");
         ApiError::bad_request("Invalid JSON")
     })?;
-    if event.id.is_empty() || event.id.len() > 255 {
+    if event.id.is_empty() || event.id.len() > 255 || event.id.chars().any(char::is_control) {
         return Err(ApiError::bad_request("invalid event id"));
     }
+    text::identifier("type", &event.event_type)?;
     if let Some(seen) = state.queue.find_stripe_event(&event.id).await? {
         metrics::webhook("stripe", "duplicate");
         return Ok(reply(&seen, true));
     }
     let session = event.data.as_ref().map(|d| &d.object);
+    // Kept for lookups only when it is a well-formed id (an ill-formed one is not actionable
+    // anyway, and may hold a NUL that PostgreSQL refuses).
     let session_id = session
         .and_then(|s| s.get("id"))
         .and_then(|v| v.as_str())
+        .filter(|s| valid_business_key(s))
         .map(str::to_owned);
     let record = |outcome: &str, reason: Option<String>, job_id: Option<Uuid>| StripeEventRecord {
         event_id: event.id.clone(),
@@ -237,6 +242,16 @@ pub async fn runner(state: &HttpState, req: Request) -> Result<Response, ApiErro
             .parse::<Uuid>()
             .map_err(|_| ApiError::bad_request("Invalid job_id"))?,
     };
+    // Identifiers with a NUL or another control character are malformed (PostgreSQL would
+    // refuse the NUL); the free-text fields keep their message.
+    let workflow_run_id = text::opt_identifier("workflow_run_id", cb.workflow_run_id.as_deref())?;
+    for (field, value) in [
+        ("server_id", &cb.server_id),
+        ("server_ip", &cb.server_ip),
+        ("tailscale_ip", &cb.tailscale_ip),
+    ] {
+        text::opt_identifier(field, value.as_deref())?;
+    }
     let status = cb.status.as_deref();
     let outcome = if cb.kind.as_deref() == Some("heartbeat") {
         state
@@ -245,11 +260,22 @@ pub async fn runner(state: &HttpState, req: Request) -> Result<Response, ApiErro
             .await
             .map(|_| "heartbeat")
     } else if let (Some(step), None | Some("provisioning")) = (cb.step.as_deref(), status) {
+        if !steps::STEP_ORDER.contains(&step) {
+            return Err(ApiError::bad_request("Unknown step"));
+        }
+        // A step at or before the job's current one is a replay (or a duplicate delivery):
+        // acknowledged, and nothing moves or is recorded.
         state
             .queue
-            .record_step(job_id, Fence::External, step, "runner step", json!({}))
+            .external_step(job_id, step, &steps::STEP_ORDER)
             .await
-            .map(|_| "step")
+            .map(|advanced| {
+                if advanced.is_some() {
+                    "step"
+                } else {
+                    "stale_step"
+                }
+            })
     } else {
         match (status, &cb.server_id, &cb.server_ip, &cb.tailscale_ip) {
             (Some("running"), Some(server_id), Some(server_ip), Some(tailscale_ip))
@@ -268,7 +294,7 @@ pub async fn runner(state: &HttpState, req: Request) -> Result<Response, ApiErro
             }
             (Some("provisioning"), ..) => state
                 .queue
-                .start_external(job_id, cb.workflow_run_id.as_deref())
+                .start_external(job_id, workflow_run_id)
                 .await
                 .map(|_| "started"),
             (Some("running"), ..) => state
@@ -278,8 +304,10 @@ pub async fn runner(state: &HttpState, req: Request) -> Result<Response, ApiErro
                 .map(|_| "running"),
             (Some("failed"), ..) => {
                 let end = ExternalEnd::Failed {
-                    error: cb.error.unwrap_or_else(|| "runner reported failure".into()),
-                    failed_step: cb.failed_step,
+                    error: text::free_text(
+                        cb.error.unwrap_or_else(|| "runner reported failure".into()),
+                    ),
+                    failed_step: cb.failed_step.map(text::free_text),
                 };
                 state
                     .queue

@@ -7,20 +7,33 @@
 //! rows means "not allowed now", and only then is the row read to say why (404 or 409). Terminal
 //! states never regress; the schema's trigger refuses it anyway. Must not: know about HTTP,
 //! signatures or Stripe's JSON; hold a transaction across anything but the database.
+//!
+//! Replays. A legacy runner callback carries no timestamp, so a captured one can be sent again
+//! at any time. What binds it to the attempt it belongs to: a runner takes only a job no one
+//! has ever claimed (no daemon attempt, no operator retry: an operator-retried job is the
+//! daemon's, and every other runner write requires `executor = 'external'`); a repeated
+//! `provisioning` must carry the attempt's `workflow_run_id` (or none); steps only move
+//! forward, and a step at or before the current one changes nothing. What legacy mode cannot
+//! close: a replayed heartbeat (or bare `provisioning`) keeps a silent runner's job from
+//! timing out. `http.runner_require_timestamp` closes that: a replay is refused once it is
+//! older than the tolerance.
 
 use super::{Queue, QueueError};
 use crate::db::models::{AgentInstance, Job};
-use crate::db::schema::{agent_instances, provisioning_jobs};
+use crate::db::schema::{agent_instances, job_events, provisioning_jobs};
 use crate::domain::{Executor, JobStatus};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{Double, Nullable, Text};
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncConnection, RunQueryDsl};
 use std::time::Duration;
 use uuid::Uuid;
 
-// A queued job nobody holds becomes the runner's; a repeated `provisioning` callback for a job
-// the runner already drives refreshes its heartbeat. A daemon-held job (leased) never matches.
+// A queued job that was never claimed (by the daemon or a runner) and never retried by an
+// operator becomes the runner's: a replayed `provisioning` from an earlier attempt cannot take
+// the attempt after an operator retry (or a daemon retry). A repeated `provisioning` callback
+// for a job the runner already drives refreshes its heartbeat, if it names the same workflow
+// run (or none). A daemon-held job (leased) never matches.
 const START_EXTERNAL_SQL: &str = "\
 UPDATE provisioning_jobs
 SET status = 'provisioning', executor = 'external',
@@ -28,8 +41,10 @@ SET status = 'provisioning', executor = 'external',
     last_heartbeat_at = now(), updated_at = now(),
     workflow_run_id = coalesce($2, workflow_run_id)
 WHERE id = $1
-  AND ((status = 'queued' AND lease_token IS NULL)
-    OR (status = 'provisioning' AND executor = 'external'))
+  AND ((status = 'queued' AND lease_token IS NULL
+        AND claimed_at IS NULL AND operator_retries = 0)
+    OR (status = 'provisioning' AND executor = 'external'
+        AND ($2::text IS NULL OR workflow_run_id IS NULL OR workflow_run_id = $2)))
 RETURNING *";
 
 const EXTERNAL_HEARTBEAT_SQL: &str = "\
@@ -155,6 +170,66 @@ impl Queue {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The runner's step callback. `order` lists the step names first to last; a step at or
+    /// before the job's current one (a replay, a duplicate delivery) changes nothing and
+    /// returns `None`. Otherwise the step is recorded on the job and its instance row, with an
+    /// event, in one transaction that holds the job's row lock, so two racing callbacks cannot
+    /// move progress backwards.
+    pub async fn external_step(
+        &self,
+        job_id: Uuid,
+        step: &str,
+        order: &[&str],
+    ) -> Result<Option<Job>, QueueError> {
+        let rank = |s: Option<&str>| s.and_then(|s| order.iter().position(|o| *o == s));
+        let Some(new_rank) = rank(Some(step)) else {
+            return Ok(None);
+        };
+        let mut conn = self.pool().get().await?;
+        let step = step.to_owned();
+        conn.transaction::<_, QueueError, _>(async move |conn| {
+            let job: Job = provisioning_jobs::table
+                .find(job_id)
+                .for_update()
+                .select(Job::as_select())
+                .first(conn)
+                .await
+                .optional()?
+                .ok_or(QueueError::NotFound(job_id))?;
+            if job.executor() != Executor::External || job.status() != JobStatus::Provisioning {
+                return Err(QueueError::IllegalTransition {
+                    job: job_id,
+                    from: job.status(),
+                    to: JobStatus::Provisioning,
+                });
+            }
+            if rank(job.current_step.as_deref()).is_some_and(|current| current >= new_rank) {
+                return Ok(None);
+            }
+            let job: Job = diesel::update(provisioning_jobs::table.find(job_id))
+                .set((
+                    provisioning_jobs::current_step.eq(&step),
+                    provisioning_jobs::updated_at.eq(diesel::dsl::now),
+                ))
+                .returning(Job::as_returning())
+                .get_result(conn)
+                .await?;
+            super::instances::upsert_instance(conn, &job, "provisioning", Some(&step), None)
+                .await?;
+            diesel::insert_into(job_events::table)
+                .values((
+                    job_events::job_id.eq(job_id),
+                    job_events::step.eq(&step),
+                    job_events::message.eq("runner step"),
+                    job_events::data.eq(serde_json::json!({})),
+                ))
+                .execute(conn)
+                .await?;
+            Ok(Some(job))
+        })
+        .await
     }
 
     /// The runner's heartbeat: only for a job it drives.

@@ -194,7 +194,7 @@ async fn lock_writable(
 }
 
 /// The seed's rule: update the agent's live instance (or this job's), else insert one.
-async fn upsert_instance(
+pub(super) async fn upsert_instance(
     conn: &mut diesel_async::AsyncPgConnection,
     job: &Job,
     status: &str,

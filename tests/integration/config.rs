@@ -42,3 +42,26 @@ fn database_url_can_come_from_a_credential_file() {
     );
     assert!(!format!("{config:?}").contains("s3cr3t"));
 }
+
+#[test]
+fn the_units_fd_limit_leaves_room_above_the_connection_cap() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/provisiond.service"),
+    )
+    .unwrap();
+    let limit: usize = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .expect("the unit sets LimitNOFILE")
+        .trim()
+        .parse()
+        .unwrap();
+    let c = Config::load_with_env(None, Vec::new()).unwrap();
+    let fixed = c.http.max_connections + c.database.pool_size as usize + 1;
+    // Outbound API connections and the runtime need their share too (see the unit's comment).
+    let outbound = 2 * c.worker.concurrency;
+    assert!(
+        limit >= fixed + outbound + 64,
+        "LimitNOFILE={limit} leaves too little above {fixed} + {outbound}"
+    );
+}

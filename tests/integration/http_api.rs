@@ -1,8 +1,10 @@
 //! The status API, the admin API, health, readiness and metrics over a real socket.
 
+
 use crate::http_support::*;
 use provisiond::queue::QueueSettings;
 use reqwest::Method;
+use std::time::Duration;
 use uuid::Uuid;
 
 async fn call(s: &Server, method: Method, path: &str) -> (u16, serde_json::Value) {
@@ -290,28 +292,133 @@ async fn health_readiness_metrics_and_unknown_routes() {
     let (code, _) = status_json(s.http.delete(s.url("/api/jobs")).send().await.unwrap()).await;
     assert_eq!(code, 405);
 
-    // A database with a pending (here: reverted) migration is not ready.
-    s.db.exec("DELETE FROM __diesel_schema_migrations WHERE version = (SELECT max(version) FROM __diesel_schema_migrations)").await;
-    let (code, body) = status_json(get("/readyz").await.unwrap()).await;
+    // A database with a pending (here: reverted) migration when the server starts is not ready.
+    let db = crate::support::TestDb::new().await;
+    db.exec("DELETE FROM __diesel_schema_migrations WHERE version = (SELECT max(version) FROM __diesel_schema_migrations)").await;
+    let behind = Server::over(db, settings(), QueueSettings::default()).await;
+    let (code, body) =
+        status_json(behind.http.get(behind.url("/readyz")).send().await.unwrap()).await;
     assert_eq!(code, 503, "{body}");
     assert!(body["error"].as_str().unwrap().contains("migrations"));
 }
 
 #[tokio::test]
-async fn readyz_and_webhooks_are_503_when_the_database_is_gone() {
-    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+async fn a_405_names_the_allowed_methods() {
     let s = Server::start().await;
+    for (method, path, allow) in [
+        (reqwest::Method::DELETE, "/api/jobs".to_owned(), "POST, GET"),
+        (
+            reqwest::Method::GET,
+            "/api/webhooks/stripe".to_owned(),
+            "POST",
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("/api/jobs/{}", Uuid::new_v4()),
+            "GET",
+        ),
+        (reqwest::Method::POST, "/healthz".to_owned(), "GET"),
+    ] {
+        let r = s.admin(method.clone(), &path).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 405, "{method} {path}");
+        let got = r
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(got.as_deref(), Some(allow), "{method} {path}");
+    }
+}
+
+/// Sessions ever opened on `db` (pg_stat_database), read from the server's `postgres` database
+/// so that reading does not add one.
+async fn sessions_opened(db: &crate::support::TestDb) -> i64 {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
     let mut admin = AsyncPgConnection::establish(crate::support::server_url().await)
         .await
         .unwrap();
-    diesel::sql_query(format!("DROP DATABASE {} WITH (FORCE)", s.db.name))
+    diesel::sql_query(format!(
+        "SELECT coalesce(sessions, 0)::bigint AS n FROM pg_stat_database WHERE datname = '{}'",
+        db.name
+    ))
+    .get_result::<N>(&mut admin)
+    .await
+    .unwrap()
+    .n
+}
+
+#[tokio::test]
+async fn readiness_probes_use_the_pool_not_a_session_each() {
+    let s = Server::start().await;
+    let pool_size = 16; // tests/support's pool
+    let before = sessions_opened(&s.db).await;
+    let probes = (0..200).map(|_| {
+        let r = s.http.get(s.url("/readyz")).send();
+        async move { r.await.unwrap().status().as_u16() }
+    });
+    let codes = futures::future::join_all(probes).await;
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    // Backends that exited have flushed their session count; the pool's own are at most its size.
+    let opened = sessions_opened(&s.db).await - before;
+    assert!(opened <= pool_size, "200 probes opened {opened} sessions");
+    let live =
+        s.db.count(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}'",
+            s.db.name
+        ))
+        .await;
+    // The pool, the queue's LISTEN connection, and this count's own connection.
+    assert!(live <= pool_size + 2, "{live} sessions open");
+}
+
+/// Drops the test database for real (its sessions are terminated).
+async fn drop_database(db: &crate::support::TestDb) {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    let mut admin = AsyncPgConnection::establish(crate::support::server_url().await)
+        .await
+        .unwrap();
+    diesel::sql_query(format!("DROP DATABASE {} WITH (FORCE)", db.name))
         .execute(&mut admin)
         .await
         .unwrap();
-    let (code, body) = status_json(s.http.get(s.url("/readyz")).send().await.unwrap()).await;
-    assert_eq!(code, 503, "{body}");
-    let r = s.http.get(s.url("/healthz")).send().await.unwrap();
+}
+
+/// A server over a fresh database whose pool waits up to `checkout` for a connection.
+async fn server_with_checkout(checkout: Duration) -> Server {
+    let db = crate::support::TestDb::new().await;
+    let pool = provisiond::db::connect(&db.url, 4, checkout).await.unwrap();
+    Server::over_pool(db, pool, settings(), QueueSettings::default()).await
+}
+
+#[tokio::test]
+async fn readyz_is_503_within_its_timeout_when_the_database_is_gone() {
+    // The pool would wait an hour for a connection; readiness must not. The client's timeout
+    // is only a guard against hanging (it is far above http.readiness_timeout's 1 s).
+    let s = server_with_checkout(Duration::from_secs(3600)).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let probe = || http.get(s.url("/readyz")).send();
+    assert_eq!(probe().await.unwrap().status().as_u16(), 200);
+    drop_database(&s.db).await;
+    // The first probe finds the pooled connection broken; the second must wait for a new one.
+    for _ in 0..2 {
+        let (code, body) = status_json(probe().await.expect("answered, not hung")).await;
+        assert_eq!(code, 503, "{body}");
+    }
+    let r = http.get(s.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn webhooks_are_503_when_the_database_is_gone() {
+    let s = server_with_checkout(Duration::from_secs(1)).await;
+    drop_database(&s.db).await;
     // A webhook that needs the database is a retryable 503, never a 500.
     let (code, _) = s
         .runner(&format!(

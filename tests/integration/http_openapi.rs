@@ -1,7 +1,7 @@
-//! Keeps `/openapi.json` true: the documented operations are exactly the server's route table,
-//! every route answers, every code a route returns to a battery of requests is documented for
-//! it, every documented code is really produced, and a documented path answers any other
-//! method with 405.
+//! Keeps `/openapi.json` true: the document the server serves lists exactly the server's route
+//! table, every reference in it resolves and every path parameter is declared, every code a
+//! route returns to a battery of requests is documented for it, every documented code is really
+//! produced, and a documented path answers any other method with 405 and `Allow`.
 
 use crate::http_support::*;
 use reqwest::Method;
@@ -9,6 +9,20 @@ use std::collections::BTreeSet;
 
 fn doc() -> serde_json::Value {
     serde_json::from_str(provisiond::http::OPENAPI).expect("openapi.json is JSON")
+}
+
+/// The status code of a request whose body stops after a few of its declared bytes.
+async fn stalled_body_status(s: &Server, method: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got).await;
+    let text = String::from_utf8_lossy(&got);
+    text.split(' ').nth(1).unwrap_or("no answer").to_owned()
 }
 
 fn documented() -> BTreeSet<(String, String)> {
@@ -22,14 +36,61 @@ fn documented() -> BTreeSet<(String, String)> {
     ops
 }
 
-#[test]
-fn documented_operations_are_exactly_the_route_table() {
-    assert!(doc()["openapi"].as_str().unwrap().starts_with("3."));
+/// Every `$ref` in `v` names something that exists in `doc`.
+fn check_refs(doc: &serde_json::Value, v: &serde_json::Value, broken: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if let Some(r) = map.get("$ref").and_then(|r| r.as_str()) {
+                let target = r.strip_prefix('#').and_then(|pointer| doc.pointer(pointer));
+                if target.is_none() {
+                    broken.push(r.to_owned());
+                }
+            }
+            map.values().for_each(|x| check_refs(doc, x, broken));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|x| check_refs(doc, x, broken)),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn the_served_document_is_the_route_table_and_resolves() {
+    let s = Server::start().await;
+    let r = s.http.get(s.url("/openapi.json")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let served: serde_json::Value = r.json().await.expect("the served document is JSON");
+    assert!(served["openapi"].as_str().unwrap().starts_with("3."));
+    let mut ops = BTreeSet::new();
+    for (path, item) in served["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            ops.insert((method.to_uppercase(), path.clone()));
+            // Each `{x}` of the template is a declared path parameter, and nothing else is.
+            let in_path: BTreeSet<&str> = path
+                .split('/')
+                .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            let declared: BTreeSet<&str> = op["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "path")
+                .map(|p| p["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(in_path, declared, "{method} {path}");
+            assert!(
+                !op["responses"].as_object().unwrap().is_empty(),
+                "{method} {path}"
+            );
+        }
+    }
     let routes: BTreeSet<(String, String)> = provisiond::http::ROUTES
         .iter()
         .map(|(m, p, _)| ((*m).to_owned(), (*p).to_owned()))
         .collect();
-    assert_eq!(documented(), routes);
+    assert_eq!(ops, routes, "documented operations vs the route table");
+    let mut broken = Vec::new();
+    check_refs(&served, &served, &mut broken);
+    assert!(broken.is_empty(), "unresolved $ref: {broken:?}");
 }
 
 #[tokio::test]
@@ -68,16 +129,24 @@ async fn every_answer_is_documented_for_its_route() {
                     .unwrap_or_else(|_| panic!("{method} {template} {code}: not JSON: {text}"));
             }
         }
+        let allowed: Vec<String> = ["POST", "GET"]
+            .into_iter()
+            .filter(|m| documented().contains(&((*m).to_owned(), template.clone())))
+            .map(str::to_owned)
+            .collect();
         for other in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
             if documented().contains(&(other.to_owned(), template.clone())) {
                 continue;
             }
             let r = s.admin(other.parse().unwrap(), &path).send().await.unwrap();
             assert_eq!(r.status().as_u16(), 405, "{other} {template}");
+            let allow = r
+                .headers()
+                .get("allow")
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(allow, Some(allowed.join(", ")), "{other} {template}");
         }
     }
-    let served = s.http.get(s.url("/openapi.json")).send().await.unwrap();
-    assert_eq!(served.text().await.unwrap(), provisiond::http::OPENAPI);
 }
 
 /// Every response code the document lists for an operation is one the server really gives:
@@ -287,17 +356,33 @@ async fn every_documented_code_is_produced() {
         let code = req.send().await.unwrap().status().as_u16();
         seen.insert((m.to_owned(), t.to_owned(), code.to_string()));
     }
-    // Readiness with a migration missing.
-    dark.db
+    // Readiness with a migration missing when the server starts.
+    let behind_db = crate::support::TestDb::new().await;
+    behind_db
         .exec("DELETE FROM __diesel_schema_migrations WHERE version = (SELECT max(version) FROM __diesel_schema_migrations)")
         .await;
-    let code = get(&dark, "/readyz")
+    let behind = Server::over(
+        behind_db,
+        settings(),
+        provisiond::queue::QueueSettings::default(),
+    )
+    .await;
+    let code = get(&behind, "/readyz")
         .send()
         .await
         .unwrap()
         .status()
         .as_u16();
     seen.insert(("GET".into(), "/readyz".into(), code.to_string()));
+    // A body that does not arrive within http.body_read_timeout, at every route.
+    let mut slow_settings = settings();
+    slow_settings.body_read_timeout = std::time::Duration::from_millis(200);
+    let slow = Server::with(slow_settings, provisiond::queue::QueueSettings::default()).await;
+    for (m, t, _) in provisiond::http::ROUTES {
+        let path = t.replace("{id}", &queued);
+        let code = stalled_body_status(&slow, m, &path).await;
+        seen.insert(((*m).to_owned(), (*t).to_owned(), code));
+    }
 
     let doc = doc();
     let mut want = BTreeSet::new();

@@ -373,3 +373,161 @@ async fn runner_secret_not_configured_is_503_and_oversized_is_413() {
     let (code, body) = s.runner(&big).await;
     assert_eq!((code, body["error"].is_string()), (413, true));
 }
+
+/// Replays of legacy (untimestamped) callbacks: captured once, sent again later.
+#[tokio::test]
+async fn replayed_steps_never_move_progress_backwards_nor_add_events() {
+    let s = Server::start().await;
+    let agent = Uuid::new_v4();
+    let job = s.enqueue(agent, Uuid::new_v4()).await;
+    let step =
+        |name: &str| format!(r#"{{"job_id":"{job}","status":"provisioning","step":"{name}"}}"#);
+    let (code, _) = s
+        .runner(&format!(r#"{{"job_id":"{job}","status":"provisioning"}}"#))
+        .await;
+    assert_eq!(code, 200);
+    each_answers(&s, &[step("vm_created"), step("ansible_started")], 200).await;
+    let events =
+        format!("SELECT count(*) FROM job_events WHERE job_id = '{job}' AND step IS NOT NULL");
+    let before = s.db.count(&events).await;
+    // The replays are acknowledged (a runner must not retry them) and change nothing.
+    each_answers(
+        &s,
+        &[
+            step("vm_created"),
+            step("ansible_started"),
+            step("vm_created"),
+        ],
+        200,
+    )
+    .await;
+    let (_, view) = s.instance(agent).await;
+    assert_eq!(view["instance"]["currentStep"], "ansible_started", "{view}");
+    assert_eq!(view["job"]["currentStep"], "ansible_started", "{view}");
+    assert_eq!(
+        s.db.count(&events).await,
+        before,
+        "a replayed step added an event"
+    );
+    // A step the protocol does not know is malformed, not a way to reset progress.
+    let (code, body) = s.runner(&step("rebooting")).await;
+    assert_eq!((code, body["error"].as_str()), (400, Some("Unknown step")));
+    // Progress still moves forward.
+    each_answers(&s, &[step("ansible_complete")], 200).await;
+    let (_, view) = s.instance(agent).await;
+    assert_eq!(view["instance"]["currentStep"], "ansible_complete");
+}
+
+#[tokio::test]
+async fn a_replayed_attempt_cannot_undo_an_operator_retry() {
+    let s = Server::start().await;
+    let job = s.enqueue(Uuid::new_v4(), Uuid::new_v4()).await;
+    let provisioning =
+        format!(r#"{{"job_id":"{job}","status":"provisioning","workflow_run_id":"111"}}"#);
+    let failed = format!(r#"{{"job_id":"{job}","status":"failed","error":"boom"}}"#);
+    each_answers(&s, &[provisioning.clone(), failed.clone()], 200).await;
+    assert_eq!(s.job_status(&job).await, "failed");
+    let r = s
+        .admin(reqwest::Method::POST, &format!("/api/jobs/{job}/retry"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(s.job_status(&job).await, "queued");
+    let before = s.checksum().await;
+    // The captured first attempt, replayed after the operator's retry: refused, nothing moves.
+    each_answers(
+        &s,
+        &[
+            provisioning.clone(),
+            format!(r#"{{"job_id":"{job}","status":"provisioning"}}"#),
+            failed,
+        ],
+        409,
+    )
+    .await;
+    assert_eq!(s.job_status(&job).await, "queued");
+    assert_eq!(s.checksum().await, before);
+}
+
+#[tokio::test]
+async fn a_repeated_provisioning_must_name_the_attempts_workflow_run() {
+    let s = Server::start().await;
+    let job = s.enqueue(Uuid::new_v4(), Uuid::new_v4()).await;
+    let start = |run: &str| {
+        format!(r#"{{"job_id":"{job}","status":"provisioning","workflow_run_id":"{run}"}}"#)
+    };
+    each_answers(&s, &[start("111"), start("111")], 200).await;
+    let before = s.checksum().await;
+    each_answers(&s, &[start("222")], 409).await;
+    assert_eq!(s.checksum().await, before);
+    assert_eq!(
+        s.db.count(&format!(
+            "SELECT count(*) FROM provisioning_jobs WHERE id = '{job}' AND workflow_run_id = '111'"
+        ))
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_runner_cannot_take_a_job_the_daemon_already_attempted() {
+    let s = Server::start().await;
+    let job = s.enqueue(Uuid::new_v4(), Uuid::new_v4()).await;
+    let claimed = s.queue.claim("test-worker", 1).await.unwrap();
+    // The daemon's attempt is handed back (a shutdown): queued again, with its checkpoints.
+    let lease = claimed[0].lease().unwrap();
+    assert_eq!(s.queue.hand_back(&[lease]).await.unwrap(), [true]);
+    assert_eq!(s.job_status(&job).await, "queued");
+    let before = s.checksum().await;
+    each_answers(
+        &s,
+        &[format!(r#"{{"job_id":"{job}","status":"provisioning"}}"#)],
+        409,
+    )
+    .await;
+    assert_eq!(s.checksum().await, before);
+}
+
+#[tokio::test]
+async fn a_nul_in_a_signed_callback_is_a_400_or_stored_safely_never_a_5xx() {
+    let s = Server::start().await;
+    let job = s.enqueue(Uuid::new_v4(), Uuid::new_v4()).await;
+    let before = s.checksum().await;
+    // Identifiers with a NUL are malformed: 400, nothing written.
+    for body in [
+        format!(r#"{{"job_id":"{job}","status":"provisioning","workflow_run_id":"1\u0000"}}"#),
+        format!(r#"{{"job_id":"{job}","status":"provisioning","step":"vm_\u0000created"}}"#),
+        format!(
+            r#"{{"job_id":"{job}","status":"running","server_id":"4\u00007","server_ip":"203.0.113.7","tailscale_ip":"100.64.0.9"}}"#
+        ),
+        format!(
+            r#"{{"job_id":"{job}","status":"running","server_id":"47","server_ip":"203.0.113.7\u0000","tailscale_ip":"100.64.0.9"}}"#
+        ),
+    ] {
+        let (code, reply) = s.runner(&body).await;
+        assert_eq!(code, 400, "{body}: {reply}");
+    }
+    assert_eq!(s.checksum().await, before);
+    // A failure message is for a human: kept, with the NUL replaced, so the failure is not lost.
+    each_answers(
+        &s,
+        &[format!(r#"{{"job_id":"{job}","status":"provisioning"}}"#)],
+        200,
+    )
+    .await;
+    let (code, reply) = s
+        .runner(&format!(
+            r#"{{"job_id":"{job}","status":"failed","error":"disk\u0000full","failed_step":"prov\u0000ision"}}"#
+        ))
+        .await;
+    assert_eq!(code, 200, "{reply}");
+    assert_eq!(
+        s.db.count(&format!(
+            "SELECT count(*) FROM provisioning_jobs WHERE id = '{job}' AND status = 'failed'
+             AND error = 'disk' || U&'\\FFFD' || 'full'"
+        ))
+        .await,
+        1
+    );
+}

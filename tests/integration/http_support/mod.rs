@@ -48,16 +48,31 @@ impl Server {
     }
 
     pub async fn with(settings: HttpSettings, queue_settings: QueueSettings) -> Server {
-        let db = TestDb::new().await;
-        let queue = Queue::new(db.pool().await, queue_settings);
+        Self::over(TestDb::new().await, settings, queue_settings).await
+    }
+
+    /// A server over a database the test prepared (e.g. with a migration reverted).
+    pub async fn over(db: TestDb, settings: HttpSettings, queue_settings: QueueSettings) -> Server {
+        let pool = db.pool().await;
+        Self::over_pool(db, pool, settings, queue_settings).await
+    }
+
+    /// A server whose queue uses `pool` (e.g. one with a particular checkout timeout).
+    pub async fn over_pool(
+        db: TestDb,
+        pool: provisiond::db::Pool,
+        settings: HttpSettings,
+        queue_settings: QueueSettings,
+    ) -> Server {
+        let queue = Queue::new(pool, queue_settings);
         let stop = CancellationToken::new();
-        let state = HttpState {
-            queue: queue.clone(),
+        let state = HttpState::new(
+            queue.clone(),
             settings,
-            regions: Regions::default(),
-            database_url: db.url.clone(),
-            connect_timeout: Duration::from_secs(5),
-        };
+            Regions::default(),
+            db.url.clone(),
+            Duration::from_secs(5),
+        );
         let (addr, _task) = provisiond::http::serve(state, "127.0.0.1:0", stop.clone())
             .await
             .expect("bind");
