@@ -39,7 +39,7 @@ struct Metrics {
     webhooks: Counters<2>,
     jobs: Gauges<1>,
     oldest_queued_age: Gauge<f64, AtomicU64>,
-    claim_loop_ran: Gauge,
+    claim_loop_ran: Gauge<f64, AtomicU64>,
 }
 
 /// Seconds, 10 ms to ~80 min: claim latency is sub-second, a step waiting on a VM takes minutes.
@@ -84,7 +84,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     // born at 1 has no earlier sample, and `increase()` over it is 0.
     let rollbacks = Counters::<1>::default();
     for outcome in ["complete", "left_to_reaper"] {
-        rollbacks.get_or_create(&[("outcome", outcome.to_owned())]);
+        let _ = rollbacks.get_or_create(&[("outcome", outcome.to_owned())]);
     }
     registry.register(
         "rollbacks",
@@ -93,7 +93,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     let orphans_reaped = Counters::<1>::default();
     for kind in ["server", "device"] {
-        orphans_reaped.get_or_create(&[("kind", kind.to_owned())]);
+        let _ = orphans_reaped.get_or_create(&[("kind", kind.to_owned())]);
     }
     registry.register(
         "orphans_reaped",
@@ -121,7 +121,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     // Liveness of the claim loop itself, which the HTTP server answering scrapes cannot show: a
     // wedged loop with a live listener still passes `up`. 0 until a worker runs (worker.enabled
     // = false, or `serve` still starting), which the alert rule excludes.
-    let claim_loop_ran = Gauge::default();
+    let claim_loop_ran = Gauge::<f64, AtomicU64>::default();
     registry.register(
         "worker_last_claim_loop_timestamp_seconds",
         "Unix time this process's claim loop last ran (every worker.poll_interval at least); 0 without a worker",
@@ -163,8 +163,8 @@ pub fn job_claimed(latency: Duration) {
 pub fn worker_claim_loop_ran() {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    METRICS.claim_loop_ran.set(now);
+        .unwrap_or_default();
+    METRICS.claim_loop_ran.set(now.as_secs_f64());
 }
 
 /// A fenced write found its lease gone.
