@@ -40,6 +40,7 @@ struct Metrics {
     jobs: Gauges<1>,
     oldest_queued_age: Gauge<f64, AtomicU64>,
     http_evictions: Counter,
+    claim_loop_ran: Gauge<f64, AtomicU64>,
 }
 
 /// Seconds, 10 ms to ~80 min: claim latency is sub-second, a step waiting on a VM takes minutes.
@@ -79,13 +80,22 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Requests left in the current rate-limit window, as the API last reported",
         rate_limit_remaining.clone(),
     );
+    // The words the callers pass (src/provision). Created at zero so that the first rollback left
+    // to the reaper, or the first orphan, is an increase Prometheus can see: a series that is
+    // born at 1 has no earlier sample, and `increase()` over it is 0.
     let rollbacks = Counters::<1>::default();
+    for outcome in ["complete", "left_to_reaper"] {
+        let _ = rollbacks.get_or_create(&[("outcome", outcome.to_owned())]);
+    }
     registry.register(
         "rollbacks",
         "Rollbacks of partly provisioned jobs by outcome",
         rollbacks.clone(),
     );
     let orphans_reaped = Counters::<1>::default();
+    for kind in ["server", "device"] {
+        let _ = orphans_reaped.get_or_create(&[("kind", kind.to_owned())]);
+    }
     registry.register(
         "orphans_reaped",
         "Cloud resources deleted because no job owns them, by kind",
@@ -114,6 +124,25 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "http_connections_evicted",
         "Idle or half-open HTTP connections closed to admit a new one at http.max_connections",
         http_evictions.clone(),
+    // Liveness of the claim loop itself, which the HTTP server answering scrapes cannot show: a
+    // wedged loop with a live listener still passes `up`. 0 until a worker runs (worker.enabled
+    // = false, or `serve` still starting), which the alert rule excludes.
+    let claim_loop_ran = Gauge::<f64, AtomicU64>::default();
+    registry.register(
+        "worker_last_claim_loop_timestamp_seconds",
+        "Unix time this process's claim loop last ran (every worker.poll_interval at least); 0 without a worker",
+        claim_loop_ran.clone(),
+    );
+    // Constant 1 with the version as its label: which versions run during a rolling upgrade,
+    // and one series per daemon that the dashboard's variables list instances from.
+    let build_info = Gauges::<1>::default();
+    build_info
+        .get_or_create(&[("version", env!("CARGO_PKG_VERSION").to_owned())])
+        .set(1);
+    registry.register(
+        "build_info",
+        "Always 1; the version label says which provisiond is running",
+        build_info,
     );
     Metrics {
         registry,
@@ -128,12 +157,21 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         jobs,
         oldest_queued_age,
         http_evictions,
+        claim_loop_ran,
     }
 });
 
 /// A worker claimed a job `latency` after it became claimable.
 pub fn job_claimed(latency: Duration) {
     METRICS.claim_latency.observe(latency.as_secs_f64());
+}
+
+/// The worker's claim loop went round once (claimed, found nothing, or waited out a poll).
+pub fn worker_claim_loop_ran() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    METRICS.claim_loop_ran.set(now.as_secs_f64());
 }
 
 /// A fenced write found its lease gone.

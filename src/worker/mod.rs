@@ -203,6 +203,7 @@ impl Worker {
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut claim_errors = 0u32;
         while !shutdown.is_cancelled() {
+            crate::metrics::worker_claim_loop_ran();
             while tasks.try_join_next().is_some() {}
             let free = settings.concurrency.saturating_sub(tasks.len());
             if free > 0 {

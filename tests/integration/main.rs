@@ -19,6 +19,7 @@ mod http_stripe;
 mod http_support;
 mod instances;
 mod migrations;
+mod observability;
 mod provision;
 mod queue;
 mod sim_api;
