@@ -1,0 +1,4 @@
+ALTER TABLE provisioning_jobs
+    DROP COLUMN rollback_step,
+    DROP COLUMN rollback_error,
+    DROP COLUMN rollback_started_at;
