@@ -57,6 +57,8 @@ pub struct Job {
     /// The error and step the job fails with once its rollback is done.
     pub rollback_error: Option<String>,
     pub rollback_step: Option<String>,
+    /// How often the sweep requeued the rollback after its holder died (bounded).
+    pub rollback_resumes: i32,
 }
 
 impl Job {

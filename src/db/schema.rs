@@ -62,6 +62,7 @@ diesel::table! {
         rollback_started_at -> Nullable<Timestamptz>,
         rollback_error -> Nullable<Text>,
         rollback_step -> Nullable<Text>,
+        rollback_resumes -> Int4,
     }
 }
 

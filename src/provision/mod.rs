@@ -298,7 +298,7 @@ impl Provisioner {
     /// new owner may use. Deletes are retried through 429s and 5xx for `rollback_timeout`; what
     /// is left after that is the reaper's. Idempotent: a resumed rollback does it all again.
     async fn roll_back(&self, ctx: JobContext) -> RollbackOutcome {
-        let guard = LeaseGuard { ctx: &ctx };
+        let guard = LeaseGuard { p: self, ctx: &ctx };
         match self.rollback_all(&ctx.job, &guard).await {
             Ok(complete) => RollbackOutcome::Done { complete },
             Err(stopped) => stopped,
@@ -359,12 +359,14 @@ impl Provisioner {
 
 /// The lease check a rollback makes before each irreversible call.
 struct LeaseGuard<'a> {
+    p: &'a Provisioner,
     ctx: &'a JobContext,
 }
 
 impl LeaseGuard<'_> {
-    async fn check(&self) -> Result<(), RollbackOutcome> {
-        if self.ctx.stop.is_cancelled() {
+    async fn check(&self, what: &str) -> Result<(), RollbackOutcome> {
+        // A crash drill stops the rollback dead here, writing nothing, as a killed process would.
+        if self.ctx.stop.is_cancelled() || self.p.failpoint(&format!("rollback:{what}")).is_err() {
             return Err(RollbackOutcome::Interrupted);
         }
         match self.ctx.queue.confirm_lease(&self.ctx.lease).await {
@@ -399,7 +401,7 @@ where
     let mut pause = Duration::from_millis(500);
     loop {
         if let Some(g) = guard {
-            g.check().await?;
+            g.check(what).await?;
         }
         match tokio::time::timeout_at(until, f()).await {
             Ok(Ok(v)) => return Ok(Some(v)),

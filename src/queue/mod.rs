@@ -160,9 +160,10 @@ pub enum FailOutcome {
 pub struct SweepReport {
     /// Jobs put back to `queued` with backoff.
     pub retried: Vec<Uuid>,
-    /// Jobs failed for good (a silent external runner, or a rollback that ran out of retries).
+    /// Jobs failed for good (a silent external runner, or a rollback resumed too often).
     pub failed: Vec<Uuid>,
-    /// Daemon jobs with no retry left, requeued for the next claimer to roll back and fail.
+    /// Daemon jobs with no retry left, or whose rollback's holder died: requeued for the next
+    /// claimer to roll back and fail.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rolling_back: Vec<Uuid>,
 }
@@ -315,22 +316,36 @@ RETURNING j.id, j.failed_step
 )
 SELECT id FROM upd";
 
+/// How often the sweep requeues a rollback whose holder died before it gives the job up.
+pub const MAX_ROLLBACK_RESUMES: i32 = 5;
+
 // The sweep takes back expired leases (daemon) and silent runners (external), deciding from the
 // row being updated, with the staleness re-checked in the UPDATE's own WHERE (the CTE only picks
-// and locks candidates). A daemon job with a retry left is requeued with backoff (at once if it
-// was rolling back: its servers bill while it waits). One with no retry left is not failed here:
-// it is requeued with the rollback decision recorded, so the next claimer deletes what it made
-// and then fails it. Only a job whose rollback itself ran out of retries, and an external job,
-// are failed by the sweep (the reaper cleans up after those). `{filter}` narrows the sweep to
-// one job for the status path.
+// and locks candidates). A daemon job with a retry left is requeued with backoff. One with no
+// retry left is not failed here: it is requeued at once with the rollback decision recorded, so
+// the next claimer deletes what it made and then fails it. A job that was already rolling back
+// is requeued at once (its servers bill while it waits) without spending a provisioning
+// attempt, at most MAX_ROLLBACK_RESUMES times. Only a rollback that ran out of those, and an
+// external job, are failed by the sweep (the reaper cleans up after them). `{filter}` narrows
+// the sweep to one job for the status path.
 static SWEEP_SQL: LazyLock<String> = LazyLock::new(|| {
     let stale = "(j.executor = 'daemon' AND j.lease_expires_at < now())
         OR (j.executor = 'external'
             AND coalesce(j.last_heartbeat_at, j.claimed_at, j.updated_at)
                 < now() - $1 * interval '1 millisecond')";
-    let retry = "(j.executor = 'daemon' AND j.retry_count < j.max_retries)";
-    let roll = "(j.executor = 'daemon' AND j.retry_count >= j.max_retries
-                 AND j.rollback_started_at IS NULL)";
+    let daemon = "j.executor = 'daemon'";
+    // Exactly one of these holds for a daemon job; an external job is failed.
+    let retry = format!(
+        "({daemon} AND j.rollback_started_at IS NULL AND j.retry_count < j.max_retries)"
+    );
+    let roll = format!(
+        "({daemon} AND j.rollback_started_at IS NULL AND j.retry_count >= j.max_retries)"
+    );
+    let resume = format!(
+        "({daemon} AND j.rollback_started_at IS NOT NULL \
+         AND j.rollback_resumes < {MAX_ROLLBACK_RESUMES})"
+    );
+    let requeue = format!("({retry} OR {roll} OR {resume})");
     let reason = "(CASE WHEN j.executor = 'daemon'
                 THEN 'lease expired: worker ' || coalesce(j.lease_owner, '?')
                      || ' stopped renewing it'
@@ -348,37 +363,38 @@ WITH stale AS (
     FOR UPDATE SKIP LOCKED
 ), upd AS (
 UPDATE provisioning_jobs j
-SET status = CASE WHEN {retry} OR {roll} THEN 'queued'::job_status
-                  ELSE 'failed'::job_status END,
+SET status = CASE WHEN {requeue} THEN 'queued'::job_status ELSE 'failed'::job_status END,
     retry_count = j.retry_count + {retry}::int,
-    run_after = CASE WHEN {retry} AND j.rollback_started_at IS NULL
-                     THEN now() + provisiond_backoff(j.retry_count, $2, $3)
-                     WHEN {retry} OR {roll} THEN now()
+    rollback_resumes = j.rollback_resumes + {resume}::int,
+    run_after = CASE WHEN {retry} THEN now() + provisiond_backoff(j.retry_count, $2, $3)
+                     WHEN {requeue} THEN now()
                      ELSE j.run_after END,
     last_error = {reason},
     rollback_started_at = CASE WHEN {roll} THEN now() ELSE j.rollback_started_at END,
     rollback_error = CASE WHEN {roll} THEN {reason} ELSE j.rollback_error END,
     rollback_step = CASE WHEN {roll} THEN coalesce(j.current_step, 'provisioning')
                          ELSE j.rollback_step END,
-    error = CASE WHEN {retry} OR {roll} THEN j.error
-                 ELSE coalesce(j.rollback_error, {reason}) END,
-    failed_step = CASE WHEN {retry} OR {roll} THEN j.failed_step
+    error = CASE WHEN {requeue} THEN j.error ELSE coalesce(j.rollback_error, {reason}) END,
+    failed_step = CASE WHEN {requeue} THEN j.failed_step
                        ELSE coalesce(j.rollback_step, j.current_step, 'provisioning') END,
-    completed_at = CASE WHEN {retry} OR {roll} THEN NULL ELSE now() END,
+    completed_at = CASE WHEN {requeue} THEN NULL ELSE now() END,
     lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM stale s WHERE j.id = s.id AND j.status = 'provisioning' AND ({stale})
-RETURNING j.id,
+RETURNING j.id, j.rollback_step, j.rollback_error, j.retry_count, j.last_error,
           CASE WHEN j.status = 'failed' THEN 'failed'
-               -- now() is the statement's transaction time: set by this statement.
+               -- now() is this statement's transaction time: decided by this statement.
                WHEN j.rollback_started_at = now() THEN 'rolling_back'
-               ELSE 'retried' END AS outcome,
-          j.rollback_step, j.rollback_error, j.retry_count
+               WHEN j.rollback_started_at IS NOT NULL THEN 'rollback_resumed'
+               ELSE 'retried' END AS outcome
 ), event AS (
     -- The trigger records the requeue; this says why (other CTEs see the old row: use upd's).
     INSERT INTO job_events (job_id, step, message, data)
-    SELECT id, rollback_step, 'rolling back',
-           jsonb_build_object('error', rollback_error, 'attempt', retry_count + 1)
-    FROM upd WHERE outcome = 'rolling_back'
+    SELECT id, rollback_step,
+           CASE outcome WHEN 'rolling_back' THEN 'rolling back'
+                        ELSE 'rollback resumed: its worker stopped' END,
+           jsonb_build_object('error', rollback_error, 'cause', last_error,
+                              'attempt', retry_count + 1)
+    FROM upd WHERE outcome IN ('rolling_back', 'rollback_resumed')
 ), instance AS (
     UPDATE agent_instances i SET status = 'failed', updated_at = now()
     FROM upd WHERE i.job_id = upd.id AND upd.outcome = 'failed'
@@ -710,7 +726,7 @@ impl Queue {
         for row in rows {
             match row.outcome.as_str() {
                 "failed" => report.failed.push(row.id),
-                "rolling_back" => report.rolling_back.push(row.id),
+                "rolling_back" | "rollback_resumed" => report.rolling_back.push(row.id),
                 _ => report.retried.push(row.id),
             }
         }
