@@ -17,7 +17,11 @@ fn jobs_show(s: &Server, id: uuid::Uuid) -> String {
         .args(["jobs", "show", &id.to_string()])
         .output()
         .expect("run provisiond");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -64,7 +68,10 @@ async fn each_attempts_error_is_on_the_job_in_its_events_in_jobs_show_and_in_the
     let last = "create the server: invalid_input";
     let outcome = s.queue.fail(&lease, &failure(last, false)).await.unwrap();
     assert!(matches!(outcome, FailOutcome::RollingBack(_)));
-    s.queue.finish_rollback(&lease, "rolled back").await.unwrap();
+    s.queue
+        .finish_rollback(&lease, "rolled back")
+        .await
+        .unwrap();
 
     let errors = [first, "lease expired: worker w stopped renewing it", last];
     let (code, body) = status_json(
@@ -85,7 +92,10 @@ async fn each_attempts_error_is_on_the_job_in_its_events_in_jobs_show_and_in_the
         .filter_map(|e| e["data"]["error"].as_str().map(str::to_owned))
         .collect();
     for e in errors {
-        assert!(timeline.iter().any(|t| t == e), "{e} missing from {timeline:?}");
+        assert!(
+            timeline.iter().any(|t| t == e),
+            "{e} missing from {timeline:?}"
+        );
     }
     let shown = jobs_show(&s, id);
     assert!(shown.contains(&format!("last err  {last}")), "{shown}");

@@ -982,20 +982,28 @@ async fn a_crash_in_the_middle_of_a_rollback_is_resumed_by_the_next_claimer() {
         // The device joins, then the last step fails with no retry left: there is a server, a
         // device and a key to clean up.
         let mut sim = SimConfig::default();
-        sim.faults.rules = vec![fault("DELETE /api/v2/tailnet/{tailnet}/keys/{id}", "500", 1)];
+        sim.faults.rules = vec![fault(
+            "DELETE /api/v2/tailnet/{tailnet}/keys/{id}",
+            "500",
+            1,
+        )];
         let env = env(sim).await;
         let mut new = job("eu-central");
         new.max_retries = Some(0);
         let id = env.queue.enqueue(&new).await.unwrap().job().id;
         let crashed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = crashed.clone();
-        let p = provisioner(&env.sim, Duration::from_secs(30)).with_failpoint(Arc::new(
-            move |at| at == point && !flag.swap(true, std::sync::atomic::Ordering::SeqCst),
-        ));
+        let p =
+            provisioner(&env.sim, Duration::from_secs(30)).with_failpoint(Arc::new(move |at| {
+                at == point && !flag.swap(true, std::sync::atomic::Ordering::SeqCst)
+            }));
         let (stop, task) = worker(&env, p, "doomed");
         let t0 = Instant::now();
         while !crashed.load(std::sync::atomic::Ordering::SeqCst) {
-            assert!(t0.elapsed() < Duration::from_secs(30), "{point}: never reached");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{point}: never reached"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         stop.cancel();
@@ -1011,7 +1019,11 @@ async fn a_crash_in_the_middle_of_a_rollback_is_resumed_by_the_next_claimer() {
             .exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
             .await;
         // No retry is left, but the rollback was decided already: requeued for its rollback.
-        assert_eq!(env.queue.sweep().await.unwrap().rolling_back, vec![id], "{point}");
+        assert_eq!(
+            env.queue.sweep().await.unwrap().rolling_back,
+            vec![id],
+            "{point}"
+        );
         let (stop, task) = worker(&env, provisioner(&env.sim, Duration::from_secs(30)), "next");
         let j = settle(&env.queue, &[id], Duration::from_secs(30))
             .await
@@ -1019,8 +1031,16 @@ async fn a_crash_in_the_middle_of_a_rollback_is_resumed_by_the_next_claimer() {
         stop.cancel();
         task.await.unwrap();
         assert_rolled_back(&env, &j).await;
-        assert_eq!(j.failed_step.as_deref(), Some("network_configured"), "{point}");
-        assert!(j.error.as_deref().unwrap().contains("revoke"), "{point}: {:?}", j.error);
+        assert_eq!(
+            j.failed_step.as_deref(),
+            Some("network_configured"),
+            "{point}"
+        );
+        assert!(
+            j.error.as_deref().unwrap().contains("revoke"),
+            "{point}: {:?}",
+            j.error
+        );
         assert!(env.sim.state().servers.is_empty(), "{point}: nothing left");
         assert_eq!(
             env.sim.state().count("POST /v1/servers"),
@@ -1060,7 +1080,15 @@ async fn a_job_the_sweep_gives_up_is_rolled_back_by_the_next_claimer() {
     stop.cancel();
     task.await.unwrap();
     assert_rolled_back(&env, &j).await;
-    assert!(j.error.as_deref().unwrap().contains("lease expired"), "{:?}", j.error);
+    assert!(
+        j.error.as_deref().unwrap().contains("lease expired"),
+        "{:?}",
+        j.error
+    );
     assert_eq!(j.failed_step.as_deref(), Some("vm_created"));
-    assert_eq!(env.sim.state().count("POST /v1/servers"), 1, "not provisioned again");
+    assert_eq!(
+        env.sim.state().count("POST /v1/servers"),
+        1,
+        "not provisioned again"
+    );
 }

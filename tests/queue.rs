@@ -357,8 +357,16 @@ async fn expired_leases_retry_with_backoff_until_max_retries_then_roll_back_and_
     let j = q.get(id).await.unwrap().unwrap();
     assert_eq!((j.status(), j.retry_count), (JobStatus::Queued, 2));
     assert!(j.rolling_back() && j.run_after <= chrono::Utc::now());
-    assert!(j.rollback_error.as_deref().unwrap().contains("lease expired"));
-    assert_eq!(j.error, None, "the web app sees an error only once the job failed");
+    assert!(
+        j.rollback_error
+            .as_deref()
+            .unwrap()
+            .contains("lease expired")
+    );
+    assert_eq!(
+        j.error, None,
+        "the web app sees an error only once the job failed"
+    );
     let claimed = claim_one(&q, "w").await;
     assert!(claimed.rolling_back(), "the claimer is told to roll back");
     q.finish_rollback(&claimed.lease().unwrap(), "rolled back")
@@ -408,7 +416,10 @@ async fn a_rollback_whose_worker_keeps_dying_is_resumed_then_failed_by_the_sweep
         if resumes <= provisiond::queue::MAX_ROLLBACK_RESUMES {
             assert_eq!(report.rolling_back, vec![id]);
             assert_eq!(j.rollback_resumes, resumes);
-            assert!(j.rolling_back() && j.run_after <= chrono::Utc::now(), "resumed at once");
+            assert!(
+                j.rolling_back() && j.run_after <= chrono::Utc::now(),
+                "resumed at once"
+            );
             assert!(claim_one(&q, "w2").await.rolling_back());
         } else {
             assert_eq!(report.failed, vec![id]);
@@ -534,11 +545,7 @@ async fn running_and_failed_jobs_never_go_back() {
     // Late writes through the queue are refused by the fence...
     assert!(q.complete(&lease_of(failed)).await.is_err());
     assert!(q.fail(&lease_of(done), &fatal).await.is_err());
-    assert!(
-        q.finish_rollback(&lease_of(failed), "again")
-            .await
-            .is_err()
-    );
+    assert!(q.finish_rollback(&lease_of(failed), "again").await.is_err());
     assert!(q.sweep().await.unwrap() == Default::default());
     // ...and a writer that bypasses it is refused by the database.
     let mut conn = db.conn().await;
@@ -645,7 +652,10 @@ impl OpenTakeover {
         // The queue's statements run on the pool's one connection, so inside the transaction.
         let qb = Queue::new(pool.clone(), settings());
         let report = qb.sweep().await.unwrap();
-        assert!(report.retried == vec![id] || report.rolling_back == vec![id], "{report:?}");
+        assert!(
+            report.retried == vec![id] || report.rolling_back == vec![id],
+            "{report:?}"
+        );
         on(&pool, "UPDATE provisioning_jobs SET run_after = now()").await;
         let fresh = claim_one(&qb, "worker-b").await;
         assert_eq!(fresh.id, id);
@@ -709,7 +719,10 @@ enum StaleWrite {
 }
 
 async fn write(q: &Queue, lease: Lease, w: StaleWrite) -> Result<(), QueueError> {
-    let lost = |held: bool| held.then_some(()).ok_or(QueueError::LeaseLost(lease.job_id));
+    let lost = |held: bool| {
+        held.then_some(())
+            .ok_or(QueueError::LeaseLost(lease.job_id))
+    };
     match w {
         StaleWrite::Fail { retryable } => {
             let failure = Failure {

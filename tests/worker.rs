@@ -310,10 +310,7 @@ impl JobHandler for FailsForGood {
         .boxed()
     }
 
-    fn rollback(
-        &self,
-        ctx: JobContext,
-    ) -> BoxFuture<'static, provisiond::worker::RollbackOutcome> {
+    fn rollback(&self, ctx: JobContext) -> BoxFuture<'static, provisiond::worker::RollbackOutcome> {
         let seen = self.seen.clone();
         async move {
             // What the database says while the rollback runs.
@@ -352,13 +349,21 @@ async fn a_job_that_fails_for_good_is_rolled_back_under_its_lease_then_failed() 
     }
     for id in [fresh, resumed] {
         let (job, held) = &during[&id];
-        assert_eq!(job.status(), JobStatus::Provisioning, "not failed before the rollback");
+        assert_eq!(
+            job.status(),
+            JobStatus::Provisioning,
+            "not failed before the rollback"
+        );
         assert!(job.rolling_back() && job.lease_owner.as_deref() == Some("w"));
         assert_eq!(job.error, None);
         assert!(held, "the rollback runs under the lease");
         wait_for_status(&q, id, JobStatus::Failed, Duration::from_secs(10)).await;
     }
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "a rolling-back job is not provisioned");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "a rolling-back job is not provisioned"
+    );
     let j = q.get(fresh).await.unwrap().unwrap();
     assert_eq!(
         (j.error.as_deref(), j.failed_step.as_deref()),

@@ -306,7 +306,11 @@ impl Provisioner {
     }
 
     /// Returns whether everything was deleted, or why it stopped.
-    async fn rollback_all(&self, job: &Job, guard: &LeaseGuard<'_>) -> Result<bool, RollbackOutcome> {
+    async fn rollback_all(
+        &self,
+        job: &Job,
+        guard: &LeaseGuard<'_>,
+    ) -> Result<bool, RollbackOutcome> {
         let mut complete = true;
         let until = tokio::time::Instant::now() + self.inner.settings.rollback_timeout;
         let h = &self.inner.hetzner;
@@ -346,7 +350,9 @@ impl Provisioner {
             None => complete = false,
         }
         for node in devices {
-            let deleted = retry_until(until, Some(guard), "delete device", || t.delete_device(&node));
+            let deleted = retry_until(until, Some(guard), "delete device", || {
+                t.delete_device(&node)
+            });
             complete &= deleted.await?.is_some();
         }
         if let Some(key) = &job.tailscale_key_id {

@@ -69,26 +69,27 @@ impl Queue {
                 if job.status() == JobStatus::Running {
                     return Ok(job);
                 }
-                let job: Job = diesel::update(provisioning_jobs::table.filter(fenced(job_id, fence)))
-                    .set((
-                        provisioning_jobs::status.eq(DbJobStatus(JobStatus::Running)),
-                        provisioning_jobs::completed_at.eq(diesel::dsl::now),
-                        provisioning_jobs::updated_at.eq(diesel::dsl::now),
-                        provisioning_jobs::current_step.eq(None::<String>),
-                        provisioning_jobs::error.eq(None::<String>),
-                        provisioning_jobs::failed_step.eq(None::<String>),
-                        provisioning_jobs::lease_token.eq(None::<Uuid>),
-                        provisioning_jobs::lease_owner.eq(None::<String>),
-                        provisioning_jobs::lease_expires_at
-                            .eq(None::<chrono::DateTime<chrono::Utc>>),
-                        provisioning_jobs::server_ip.eq(&meta.server_ip),
-                        provisioning_jobs::tailscale_ip.eq(&meta.tailscale_ip),
-                    ))
-                    .returning(Job::as_returning())
-                    .get_result(conn)
-                    .await
-                    .optional()?
-                    .ok_or(QueueError::LeaseLost(job_id))?;
+                let job: Job =
+                    diesel::update(provisioning_jobs::table.filter(fenced(job_id, fence)))
+                        .set((
+                            provisioning_jobs::status.eq(DbJobStatus(JobStatus::Running)),
+                            provisioning_jobs::completed_at.eq(diesel::dsl::now),
+                            provisioning_jobs::updated_at.eq(diesel::dsl::now),
+                            provisioning_jobs::current_step.eq(None::<String>),
+                            provisioning_jobs::error.eq(None::<String>),
+                            provisioning_jobs::failed_step.eq(None::<String>),
+                            provisioning_jobs::lease_token.eq(None::<Uuid>),
+                            provisioning_jobs::lease_owner.eq(None::<String>),
+                            provisioning_jobs::lease_expires_at
+                                .eq(None::<chrono::DateTime<chrono::Utc>>),
+                            provisioning_jobs::server_ip.eq(&meta.server_ip),
+                            provisioning_jobs::tailscale_ip.eq(&meta.tailscale_ip),
+                        ))
+                        .returning(Job::as_returning())
+                        .get_result(conn)
+                        .await
+                        .optional()?
+                        .ok_or(QueueError::LeaseLost(job_id))?;
                 upsert_instance(conn, &job, "running", None, Some(&meta)).await?;
                 diesel::update(agents::table.find(job.agent_id))
                     .set((

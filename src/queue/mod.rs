@@ -335,12 +335,10 @@ static SWEEP_SQL: LazyLock<String> = LazyLock::new(|| {
                 < now() - $1 * interval '1 millisecond')";
     let daemon = "j.executor = 'daemon'";
     // Exactly one of these holds for a daemon job; an external job is failed.
-    let retry = format!(
-        "({daemon} AND j.rollback_started_at IS NULL AND j.retry_count < j.max_retries)"
-    );
-    let roll = format!(
-        "({daemon} AND j.rollback_started_at IS NULL AND j.retry_count >= j.max_retries)"
-    );
+    let retry =
+        format!("({daemon} AND j.rollback_started_at IS NULL AND j.retry_count < j.max_retries)");
+    let roll =
+        format!("({daemon} AND j.rollback_started_at IS NULL AND j.retry_count >= j.max_retries)");
     let resume = format!(
         "({daemon} AND j.rollback_started_at IS NOT NULL \
          AND j.rollback_resumes < {MAX_ROLLBACK_RESUMES})"
@@ -662,7 +660,10 @@ impl Queue {
     /// the job for a whole `lease_ttl` from now (the sweep only takes expired leases), which is
     /// what a holder checks before an irreversible external call such as a delete.
     pub async fn confirm_lease(&self, lease: &Lease) -> Result<bool, QueueError> {
-        Ok(!self.extend_leases(std::slice::from_ref(lease)).await?.is_empty())
+        Ok(!self
+            .extend_leases(std::slice::from_ref(lease))
+            .await?
+            .is_empty())
     }
 
     /// Records that a job reached `step`: the job's and its instance's `current_step`, and an
