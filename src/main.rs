@@ -270,6 +270,20 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                                 job.failed_step.as_deref().unwrap_or("-")
                             );
                         }
+                        // The last attempt's error: why a queued job is waiting for its retry,
+                        // or why a failed job's last try (or its rollback) ended.
+                        if let Some(e) = &job.last_error {
+                            w!(out, "last err  {e}");
+                        }
+                        if let (Some(at), None) = (job.rollback_started_at, &job.error) {
+                            w!(
+                                out,
+                                "rollback  since {}: {} (step {})",
+                                at.format("%Y-%m-%d %H:%M:%S"),
+                                job.rollback_error.as_deref().unwrap_or("-"),
+                                job.rollback_step.as_deref().unwrap_or("-")
+                            );
+                        }
                         w!(out, "events:");
                         for e in events {
                             w!(

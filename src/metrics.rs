@@ -124,6 +124,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "http_connections_evicted",
         "Idle or half-open HTTP connections closed to admit a new one at http.max_connections",
         http_evictions.clone(),
+    );
     // Liveness of the claim loop itself, which the HTTP server answering scrapes cannot show: a
     // wedged loop with a live listener still passes `up`. 0 until a worker runs (worker.enabled
     // = false, or `serve` still starting), which the alert rule excludes.

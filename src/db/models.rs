@@ -51,6 +51,14 @@ pub struct Job {
     pub pending_action_ids: Vec<i64>,
     pub device_id: Option<String>,
     pub tailscale_ip: Option<String>,
+    /// Set while the job is rolling back: the decision was recorded (fenced) before any delete;
+    /// whoever claims the job next resumes the rollback instead of provisioning.
+    pub rollback_started_at: Option<DateTime<Utc>>,
+    /// The error and step the job fails with once its rollback is done.
+    pub rollback_error: Option<String>,
+    pub rollback_step: Option<String>,
+    /// How often the sweep requeued the rollback after its holder died (bounded).
+    pub rollback_resumes: i32,
 }
 
 impl Job {
@@ -60,6 +68,11 @@ impl Job {
 
     pub fn executor(&self) -> Executor {
         self.executor.0
+    }
+
+    /// Whether the job gave up and is being (or is to be) rolled back.
+    pub fn rolling_back(&self) -> bool {
+        self.rollback_started_at.is_some()
     }
 
     /// The lease this row was claimed with, if it is held.

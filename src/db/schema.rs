@@ -59,6 +59,10 @@ diesel::table! {
         pending_action_ids -> Array<Int8>,
         device_id -> Nullable<Text>,
         tailscale_ip -> Nullable<Text>,
+        rollback_started_at -> Nullable<Timestamptz>,
+        rollback_error -> Nullable<Text>,
+        rollback_step -> Nullable<Text>,
+        rollback_resumes -> Int4,
     }
 }
 

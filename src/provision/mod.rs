@@ -13,7 +13,9 @@
 //! - Waiting is done by the shared watchers (`watch.rs`), never by polling per job.
 //! - A terminal failure (fatal error, deadline, retries spent) rolls back: server deleted (retried
 //!   through 429s and 5xx), device deleted, key revoked; the reaper (`reaper.rs`) is the backstop
-//!   for anything a crash leaves behind.
+//!   for anything a crash leaves behind. The rollback runs only after the fenced write that
+//!   decided it (the worker's `fail`), while the lease is held, and confirms the lease before
+//!   every delete and revoke: a worker whose job was taken over touches nothing.
 //!
 //! Must not: hold a database transaction across a cloud call (the queue API has none to hold),
 //! or write anything after its lease is lost.
@@ -33,7 +35,7 @@ use crate::clients::tailscale::{
 use crate::config::Regions;
 use crate::db::models::Job;
 use crate::queue::{Fence, QueueError, StepFields, VmMetadata};
-use crate::worker::{JobContext, JobHandler, Outcome};
+use crate::worker::{JobContext, JobHandler, Outcome, RollbackOutcome};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::json;
@@ -289,21 +291,21 @@ impl Provisioner {
         if let Err(Stop::Retry { step, .. } | Stop::Fatal { step, .. }) = &result {
             crate::metrics::step_finished(step, attempt.step_started.elapsed(), false);
         }
-        let job = attempt.job;
         match result {
             Ok(()) => Outcome::Finished,
             Err(Stop::Interrupted) | Err(Stop::Crashed) => Outcome::Interrupted,
             Err(Stop::LeaseLost) => Outcome::LeaseLost,
-            Err(Stop::Retry { error, step }) if job.retry_count < job.max_retries => {
-                tracing::warn!(step, error = %error, "attempt failed; will resume from the last checkpoint");
+            // Whether a retry is left is decided by the queue, from the row it updates; a
+            // failure for good is rolled back by the worker after that fenced write.
+            Err(Stop::Retry { error, step }) => {
+                tracing::warn!(step, error = %error, "attempt failed");
                 Outcome::Retry {
                     error,
                     step: Some(step.to_owned()),
                 }
             }
-            Err(Stop::Retry { error, step }) | Err(Stop::Fatal { error, step }) => {
-                tracing::error!(step, error = %error, "provisioning failed; rolling back");
-                self.rollback(&job).await;
+            Err(Stop::Fatal { error, step }) => {
+                tracing::error!(step, error = %error, "provisioning failed");
                 Outcome::Fail {
                     error,
                     step: Some(step.to_owned()),
@@ -313,19 +315,24 @@ impl Provisioner {
     }
 
     /// Deletes what a failed job created: its servers (by id and by label), its device, its key.
-    /// Deletes are retried through 429s and 5xx for `rollback_timeout`; what is left after that
-    /// is the reaper's.
-    pub async fn rollback(&self, job: &Job) {
-        let complete = self.rollback_all(job).await;
-        crate::metrics::rollback(if complete {
-            "complete"
-        } else {
-            "left_to_reaper"
-        });
+    /// Every delete and revoke is preceded by a lease check (`Queue::confirm_lease`, which also
+    /// renews it), so that a worker whose job was taken over stops before touching anything the
+    /// new owner may use. Deletes are retried through 429s and 5xx for `rollback_timeout`; what
+    /// is left after that is the reaper's. Idempotent: a resumed rollback does it all again.
+    async fn roll_back(&self, ctx: JobContext) -> RollbackOutcome {
+        let guard = LeaseGuard { p: self, ctx: &ctx };
+        match self.rollback_all(&ctx.job, &guard).await {
+            Ok(complete) => RollbackOutcome::Done { complete },
+            Err(stopped) => stopped,
+        }
     }
 
-    /// Returns whether everything was deleted.
-    async fn rollback_all(&self, job: &Job) -> bool {
+    /// Returns whether everything was deleted, or why it stopped.
+    async fn rollback_all(
+        &self,
+        job: &Job,
+        guard: &LeaseGuard<'_>,
+    ) -> Result<bool, RollbackOutcome> {
         let mut complete = true;
         let until = tokio::time::Instant::now() + self.inner.settings.rollback_timeout;
         let h = &self.inner.hetzner;
@@ -335,17 +342,20 @@ impl Provisioner {
             label_selector: Some(job_selector(job.id)),
             name: None,
         };
-        if let Some(found) = retry_until(until, "list servers", || h.list_servers(&q)).await {
-            servers.extend(found.iter().map(|s| s.id));
-            servers.sort_unstable();
-            servers.dedup();
+        match retry_until(until, None, "list servers", || h.list_servers(&q)).await? {
+            Some(found) => {
+                servers.extend(found.iter().map(|s| s.id));
+                servers.sort_unstable();
+                servers.dedup();
+            }
+            None => complete = false,
         }
         for id in servers {
-            if retry_until(until, "delete server", || h.delete_server(id))
-                .await
-                .is_some()
-            {
+            let deleted = retry_until(until, Some(guard), "delete server", || h.delete_server(id));
+            if deleted.await?.is_some() {
                 tracing::info!(server.id = id, "rollback: server deleted");
+            } else {
+                complete = false;
             }
         }
         let mut devices: Vec<String> = job.device_id.iter().cloned().collect();
@@ -353,7 +363,7 @@ impl Provisioner {
             hostname: Some(server_name(job.id)),
             tags: self.inner.settings.tags.clone(),
         };
-        match retry_until(until, "list devices", || t.list_devices(&filter)).await {
+        match retry_until(until, None, "list devices", || t.list_devices(&filter)).await? {
             Some(found) => {
                 devices.extend(found.into_iter().map(|d| d.node_id));
                 devices.sort_unstable();
@@ -362,57 +372,82 @@ impl Provisioner {
             None => complete = false,
         }
         for node in devices {
-            complete &= retry_until(until, "delete device", || t.delete_device(&node))
-                .await
-                .is_some();
+            let deleted = retry_until(until, Some(guard), "delete device", || {
+                t.delete_device(&node)
+            });
+            complete &= deleted.await?.is_some();
         }
         let description = key_description(job.id);
-        complete &= retry_until(until, "revoke keys", || {
+        let revoked = retry_until(until, Some(guard), "revoke keys", || {
             revoke_job_keys(t, &description, job.tailscale_key_id.as_deref())
-        })
-        .await
-        .is_some();
-        complete
+        });
+        complete &= revoked.await?.is_some();
+        Ok(complete)
     }
 }
 
-/// Retries `f` with backoff until it succeeds or `until` passes (the shared loop of
-/// `clients::retry`, with a patience fit for cleanup). The clients already retry each
-/// idempotent call; this adds patience on top, bounded by the rollback timeout.
+/// The lease check a rollback makes before each irreversible call.
+struct LeaseGuard<'a> {
+    p: &'a Provisioner,
+    ctx: &'a JobContext,
+}
+
+impl LeaseGuard<'_> {
+    async fn check(&self, what: &str) -> Result<(), RollbackOutcome> {
+        // A crash drill stops the rollback dead here, writing nothing, as a killed process would.
+        if self.ctx.stop.is_cancelled() || self.p.failpoint(&format!("rollback:{what}")).is_err() {
+            return Err(RollbackOutcome::Interrupted);
+        }
+        match self.ctx.queue.confirm_lease(&self.ctx.lease).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::warn!("rollback: lease lost; touching nothing more");
+                Err(RollbackOutcome::LeaseLost)
+            }
+            // Unconfirmed is not ours: stop, and let the next holder resume the rollback.
+            Err(e) => {
+                tracing::warn!(error = %e, "rollback: cannot confirm the lease; stopping");
+                Err(RollbackOutcome::Interrupted)
+            }
+        }
+    }
+}
+
+/// Retries `f` with backoff until it succeeds (`Some`) or `until` passes (`None`). With a
+/// guard, every try is preceded by a lease check, and a failed check ends the rollback. The
+/// clients already retry each idempotent call; this adds patience on top, bounded by the
+/// rollback timeout.
 async fn retry_until<T, E: std::fmt::Display, F, Fut>(
     until: tokio::time::Instant,
+    guard: Option<&LeaseGuard<'_>>,
     what: &str,
     mut f: F,
-) -> Option<T>
+) -> Result<Option<T>, RollbackOutcome>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let policy = RetryPolicy {
-        base: Duration::from_millis(500),
-        cap: Duration::from_secs(30),
-        max_retries: u32::MAX,
-    };
-    let once = || {
-        let call = f();
-        async move {
-            match tokio::time::timeout_at(until, call).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err("rollback timeout reached".to_owned()),
-            }
+    let mut attempt = 0;
+    loop {
+        if let Some(g) = guard {
+            g.check(what).await?;
         }
-    };
-    let what_failed = format!("rollback: {what}");
-    match retry(&policy, Some(until), &what_failed, once, |_| {
-        Verdict::Backoff
-    })
-    .await
-    {
-        Ok(v) => Some(v),
-        Err(e) => {
-            tracing::error!(error = %e, "rollback: gave up on {what}; the reaper will clean up");
-            None
+        match tokio::time::timeout_at(until, f()).await {
+            Ok(Ok(v)) => return Ok(Some(v)),
+            Ok(Err(e)) => tracing::warn!(error = %e, "rollback: {what} failed; retrying"),
+            Err(_) => {}
         }
+        let pause = crate::clients::retry::exp_delay(
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+            attempt,
+        );
+        attempt += 1;
+        if tokio::time::Instant::now() + pause >= until {
+            tracing::error!("rollback: gave up on {what}; the reaper will clean up");
+            return Ok(None);
+        }
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -489,6 +524,11 @@ impl JobHandler for Provisioner {
     fn run(&self, ctx: JobContext) -> BoxFuture<'static, Outcome> {
         let p = self.clone();
         async move { p.run_attempt(ctx).await }.boxed()
+    }
+
+    fn rollback(&self, ctx: JobContext) -> BoxFuture<'static, RollbackOutcome> {
+        let p = self.clone();
+        async move { p.roll_back(ctx).await }.boxed()
     }
 }
 

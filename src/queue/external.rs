@@ -67,9 +67,11 @@ SET status = 'failed', completed_at = now(), updated_at = now(),
 WHERE id = $1 AND executor = 'external' AND status = 'provisioning'
 RETURNING *";
 
-// Queued: run now (skip the backoff). Failed: the operator retry the schema's trigger allows
-// (operator_retries + 1), with a fresh retry budget, run by the daemon from now on. A failed job
-// was rolled back, so the resources its checkpoints name are gone: forget them. The key id stays,
+// Queued: run now (skip the backoff; a job waiting to be rolled back stays so). Failed: the
+// operator retry the schema's trigger allows (operator_retries + 1), with a fresh retry budget,
+// run by the daemon from now on. A failed job was rolled back, so the resources its checkpoints
+// name are gone: forget them, and the rollback decision with them (else the next claim would
+// roll back again instead of provisioning). The key id stays,
 // which makes the next attempt look the job's servers up by label first (and adopt anything an
 // incomplete rollback left behind) before it mints a new key.
 const RETRY_SQL: &str = "\
@@ -83,6 +85,9 @@ SET run_after = now(), updated_at = now(),
     pending_action_ids = CASE WHEN status = 'failed' THEN '{}' ELSE pending_action_ids END,
     device_id = CASE WHEN status = 'failed' THEN NULL ELSE device_id END,
     tailscale_ip = CASE WHEN status = 'failed' THEN NULL ELSE tailscale_ip END,
+    rollback_started_at = CASE WHEN status = 'failed' THEN NULL ELSE rollback_started_at END,
+    rollback_error = CASE WHEN status = 'failed' THEN NULL ELSE rollback_error END,
+    rollback_step = CASE WHEN status = 'failed' THEN NULL ELSE rollback_step END,
     operator_retries = operator_retries + (status = 'failed')::int,
     retry_count = CASE WHEN status = 'failed' THEN 0 ELSE retry_count END,
     error = CASE WHEN status = 'failed' THEN NULL ELSE error END,

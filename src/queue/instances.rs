@@ -9,7 +9,9 @@ use super::{Queue, QueueError};
 use crate::db::models::{DbExecutor, DbJobStatus, Job, Lease};
 use crate::db::schema::{agent_instances, agents, job_events, provisioning_jobs};
 use crate::domain::{Executor, JobStatus};
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::sql_types::{Bool, Nullable};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -67,24 +69,27 @@ impl Queue {
                 if job.status() == JobStatus::Running {
                     return Ok(job);
                 }
-                let job: Job = diesel::update(provisioning_jobs::table.find(job_id))
-                    .set((
-                        provisioning_jobs::status.eq(DbJobStatus(JobStatus::Running)),
-                        provisioning_jobs::completed_at.eq(diesel::dsl::now),
-                        provisioning_jobs::updated_at.eq(diesel::dsl::now),
-                        provisioning_jobs::current_step.eq(None::<String>),
-                        provisioning_jobs::error.eq(None::<String>),
-                        provisioning_jobs::failed_step.eq(None::<String>),
-                        provisioning_jobs::lease_token.eq(None::<Uuid>),
-                        provisioning_jobs::lease_owner.eq(None::<String>),
-                        provisioning_jobs::lease_expires_at
-                            .eq(None::<chrono::DateTime<chrono::Utc>>),
-                        provisioning_jobs::server_ip.eq(&meta.server_ip),
-                        provisioning_jobs::tailscale_ip.eq(&meta.tailscale_ip),
-                    ))
-                    .returning(Job::as_returning())
-                    .get_result(conn)
-                    .await?;
+                let job: Job =
+                    diesel::update(provisioning_jobs::table.filter(fenced(job_id, fence)))
+                        .set((
+                            provisioning_jobs::status.eq(DbJobStatus(JobStatus::Running)),
+                            provisioning_jobs::completed_at.eq(diesel::dsl::now),
+                            provisioning_jobs::updated_at.eq(diesel::dsl::now),
+                            provisioning_jobs::current_step.eq(None::<String>),
+                            provisioning_jobs::error.eq(None::<String>),
+                            provisioning_jobs::failed_step.eq(None::<String>),
+                            provisioning_jobs::lease_token.eq(None::<Uuid>),
+                            provisioning_jobs::lease_owner.eq(None::<String>),
+                            provisioning_jobs::lease_expires_at
+                                .eq(None::<chrono::DateTime<chrono::Utc>>),
+                            provisioning_jobs::server_ip.eq(&meta.server_ip),
+                            provisioning_jobs::tailscale_ip.eq(&meta.tailscale_ip),
+                        ))
+                        .returning(Job::as_returning())
+                        .get_result(conn)
+                        .await
+                        .optional()?
+                        .ok_or(QueueError::LeaseLost(job_id))?;
                 upsert_instance(conn, &job, "running", None, Some(&meta)).await?;
                 diesel::update(agents::table.find(job.agent_id))
                     .set((
@@ -129,7 +134,7 @@ impl Queue {
         let (step, message) = (step.to_owned(), message.to_owned());
         conn.transaction::<_, QueueError, _>(async move |conn| {
             lock_writable(conn, job_id, fence, JobStatus::Provisioning).await?;
-            let job: Job = diesel::update(provisioning_jobs::table.find(job_id))
+            let job: Job = diesel::update(provisioning_jobs::table.filter(fenced(job_id, fence)))
                 .set((
                     provisioning_jobs::current_step.eq(&step),
                     provisioning_jobs::updated_at.eq(diesel::dsl::now),
@@ -137,7 +142,9 @@ impl Queue {
                 ))
                 .returning(Job::as_returning())
                 .get_result(conn)
-                .await?;
+                .await
+                .optional()?
+                .ok_or(QueueError::LeaseLost(job_id))?;
             upsert_instance(conn, &job, "provisioning", Some(&step), None).await?;
             diesel::insert_into(job_events::table)
                 .values((
@@ -151,6 +158,24 @@ impl Queue {
             Ok(job)
         })
         .await
+    }
+}
+
+/// The job's row, narrowed to what `fence` may write. The row lock `lock_writable` took already
+/// guarantees it (after waiting on a lock, `FOR UPDATE` returns the newest row version, which is
+/// then checked); the statement that writes carries the fence as well, so that the rule "the
+/// fence is in the writing statement" holds here as it does for every other worker write.
+fn fenced(
+    job_id: Uuid,
+    fence: Fence,
+) -> Box<dyn BoxableExpression<provisioning_jobs::table, Pg, SqlType = Nullable<Bool>>> {
+    let id = provisioning_jobs::id.eq(job_id);
+    match fence {
+        Fence::Lease(lease) => Box::new(
+            id.and(provisioning_jobs::lease_token.eq(lease.token))
+                .and(provisioning_jobs::status.eq(DbJobStatus(JobStatus::Provisioning))),
+        ),
+        Fence::External => Box::new(id.nullable()),
     }
 }
 
@@ -173,6 +198,14 @@ async fn lock_writable(
         Fence::Lease(lease) => {
             if job.lease_token != Some(lease.token) || job.status() != JobStatus::Provisioning {
                 return Err(QueueError::LeaseLost(job_id));
+            }
+            // A job that decided to roll back only ends `failed` (`Queue::finish_rollback`).
+            if to == JobStatus::Running && job.rolling_back() {
+                return Err(QueueError::IllegalTransition {
+                    job: job_id,
+                    from: job.status(),
+                    to,
+                });
             }
         }
         Fence::External => {

@@ -4,8 +4,13 @@
 //! - one statement per operation where possible, and never a transaction held across anything
 //!   but the database;
 //! - claims use `FOR UPDATE SKIP LOCKED`, so any number of daemons can share one database;
-//! - every worker write is fenced by the lease token it got from its claim: zero rows updated
-//!   means the lease was lost, reported as [`QueueError::LeaseLost`];
+//! - every worker write is fenced by the lease token it got from its claim, and the fence
+//!   (`lease_token = $token AND status = 'provisioning'`) is in the statement that writes, never
+//!   only in a CTE: after waiting on a row lock PostgreSQL re-checks only the writing
+//!   statement's own quals. Zero rows updated means the lease was lost, reported as
+//!   [`QueueError::LeaseLost`];
+//! - a job that fails for good is not failed at once: `fail` records the rollback decision and
+//!   keeps the lease, the holder cleans up, `finish_rollback` fails it (see `worker`);
 //! - the invariants themselves live in the schema (unique keys, one provisioning job per user,
 //!   terminal states never regress); the SQL here is written to not trip them in normal flow.
 //!
@@ -18,8 +23,9 @@ use crate::domain::{Executor, JobStatus};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
+use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -140,8 +146,13 @@ pub struct Failure {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum FailOutcome {
-    RetryScheduled { run_after: DateTime<Utc> },
-    Failed,
+    RetryScheduled {
+        run_after: DateTime<Utc>,
+    },
+    /// No retry: the decision to roll back is recorded and the lease is still held (renewed).
+    /// The holder cleans up, then ends the job with [`Queue::finish_rollback`]. The row is the
+    /// job as it is now, checkpoints included.
+    RollingBack(Box<Job>),
 }
 
 /// What a sweep did.
@@ -149,8 +160,12 @@ pub enum FailOutcome {
 pub struct SweepReport {
     /// Jobs put back to `queued` with backoff.
     pub retried: Vec<Uuid>,
-    /// Jobs failed for good (retries spent, or a silent external runner).
+    /// Jobs failed for good (a silent external runner, or a rollback resumed too often).
     pub failed: Vec<Uuid>,
+    /// Daemon jobs with no retry left, or whose rollback's holder died: requeued for the next
+    /// claimer to roll back and fail.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rolling_back: Vec<Uuid>,
 }
 
 #[derive(QueryableByName)]
@@ -160,19 +175,11 @@ struct IdRow {
 }
 
 #[derive(QueryableByName)]
-struct FailRow {
-    #[diesel(sql_type = Bool)]
-    failed: bool,
-    #[diesel(sql_type = Timestamptz)]
-    run_after: DateTime<Utc>,
-}
-
-#[derive(QueryableByName)]
 struct SweptRow {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
     id: Uuid,
-    #[diesel(sql_type = Bool)]
-    failed: bool,
+    #[diesel(sql_type = Text)]
+    outcome: String,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -232,6 +239,7 @@ SET status = 'running', completed_at = now(), updated_at = now(),
     current_step = NULL, error = NULL, failed_step = NULL
 FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
 WHERE j.id = l.id AND j.lease_token = l.token AND j.status = 'provisioning'
+  AND j.rollback_started_at IS NULL
 RETURNING j.id";
 
 const HAND_BACK_SQL: &str = "\
@@ -242,72 +250,156 @@ FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
 WHERE j.id = l.id AND j.lease_token = l.token AND j.status = 'provisioning'
 RETURNING j.id";
 
-// All SET expressions read the row as it was before the update, so `retry_count < max_retries`
+// One fenced statement ends an attempt. Every decision is taken from the row being updated, and
+// the fence is in this UPDATE's own WHERE: after waiting on a row lock (another worker's claim),
+// PostgreSQL re-checks only these quals against the newest row version, so a stale worker's
+// write finds 0 rows. (A token checked in a CTE would be checked against the old snapshot.)
+// SET expressions read the row as it was before the update, so `retry_count < max_retries`
 // means "a retry is left" throughout.
-const FAIL_SQL: &str = "\
-WITH decided AS (
-    SELECT id, ($3 AND retry_count < max_retries) AS retry
-    FROM provisioning_jobs WHERE id = $1 AND lease_token = $2 AND status = 'provisioning'
-), upd AS (
+//
+// A retry puts the job back to `queued` with backoff. Anything else does not fail the job yet:
+// it records the decision to roll back (status stays `provisioning`, the lease is kept and
+// renewed) so that the cleanup is done by the lease holder, and only then
+// `FINISH_ROLLBACK_SQL` makes the job `failed`.
+static FAIL_SQL: LazyLock<String> = LazyLock::new(|| {
+    let retry = "($3 AND j.retry_count < j.max_retries)";
+    format!(
+        "\
+WITH upd AS (
 UPDATE provisioning_jobs j
-SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_status END,
-    retry_count = j.retry_count + d.retry::int,
-    run_after = CASE WHEN d.retry
+SET status = CASE WHEN {retry} THEN 'queued'::job_status ELSE j.status END,
+    retry_count = j.retry_count + {retry}::int,
+    run_after = CASE WHEN {retry}
                      THEN now() + provisiond_backoff(j.retry_count, $6, $7) ELSE j.run_after END,
     last_error = $4,
-    error = CASE WHEN d.retry THEN j.error ELSE $4 END,
-    failed_step = CASE WHEN d.retry THEN j.failed_step ELSE coalesce($5, j.current_step) END,
-    completed_at = CASE WHEN d.retry THEN NULL ELSE now() END,
-    lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-FROM decided d WHERE j.id = d.id
-RETURNING j.id, NOT d.retry AS failed, j.run_after
+    rollback_started_at = CASE WHEN {retry} THEN j.rollback_started_at
+                               ELSE coalesce(j.rollback_started_at, now()) END,
+    rollback_error = CASE WHEN {retry} THEN j.rollback_error ELSE $4 END,
+    rollback_step = CASE WHEN {retry} THEN j.rollback_step
+                         ELSE coalesce($5, j.current_step) END,
+    lease_token = CASE WHEN {retry} THEN NULL ELSE j.lease_token END,
+    lease_owner = CASE WHEN {retry} THEN NULL ELSE j.lease_owner END,
+    lease_expires_at = CASE WHEN {retry} THEN NULL
+                            ELSE now() + $8 * interval '1 millisecond' END,
+    updated_at = now()
+WHERE j.id = $1 AND j.lease_token = $2 AND j.status = 'provisioning'
+RETURNING j.*
+), event AS (
+    -- The status does not change, so the audit trigger is silent: say it here.
+    INSERT INTO job_events (job_id, step, message, data)
+    SELECT id, rollback_step, 'rolling back',
+           jsonb_build_object('error', $4, 'attempt', retry_count + 1)
+    FROM upd WHERE status = 'provisioning'
+)
+SELECT * FROM upd"
+    )
+});
+
+// The last write of a rollback: the job becomes `failed` with the error and step its rollback
+// recorded. Fenced like every worker write; only a job that is rolling back can end this way.
+const FINISH_ROLLBACK_SQL: &str = "\
+WITH upd AS (
+UPDATE provisioning_jobs j
+SET status = 'failed', completed_at = now(), updated_at = now(),
+    error = coalesce(j.rollback_error, j.last_error, 'rolled back'),
+    failed_step = coalesce(j.rollback_step, j.current_step),
+    lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL
+WHERE j.id = $1 AND j.lease_token = $2 AND j.status = 'provisioning'
+  AND j.rollback_started_at IS NOT NULL
+RETURNING j.id, j.failed_step
+), event AS (
+    INSERT INTO job_events (job_id, step, message)
+    SELECT id, failed_step, $3 FROM upd
 ), instance AS (
     UPDATE agent_instances i SET status = 'failed', updated_at = now()
-    FROM upd WHERE i.job_id = upd.id AND upd.failed
+    FROM upd WHERE i.job_id = upd.id
 )
-SELECT failed, run_after FROM upd";
+SELECT id FROM upd";
 
-/// `{filter}` narrows the sweep to one job for the status path.
-const SWEEP_SQL: &str = "\
-WITH stale AS (
-    SELECT id FROM provisioning_jobs
-    WHERE status = 'provisioning' {filter}
-      AND ((executor = 'daemon' AND lease_expires_at < now())
-        OR (executor = 'external'
-            AND coalesce(last_heartbeat_at, claimed_at, updated_at)
-                < now() - $1 * interval '1 millisecond'))
-    LIMIT 1000
-    FOR UPDATE SKIP LOCKED
-), decided AS (
-    SELECT j.id, (j.executor = 'daemon' AND j.retry_count < j.max_retries) AS retry,
-           CASE WHEN j.executor = 'daemon'
+/// How often the sweep requeues a rollback whose holder died before it gives the job up.
+pub const MAX_ROLLBACK_RESUMES: i32 = 5;
+
+// The sweep takes back expired leases (daemon) and silent runners (external), deciding from the
+// row being updated, with the staleness re-checked in the UPDATE's own WHERE (the CTE only picks
+// and locks candidates). A daemon job with a retry left is requeued with backoff. One with no
+// retry left is not failed here: it is requeued at once with the rollback decision recorded, so
+// the next claimer deletes what it made and then fails it. A job that was already rolling back
+// is requeued at once (its servers bill while it waits) without spending a provisioning
+// attempt, at most MAX_ROLLBACK_RESUMES times. Only a rollback that ran out of those, and an
+// external job, are failed by the sweep (the reaper cleans up after them). `{filter}` narrows
+// the sweep to one job for the status path.
+static SWEEP_SQL: LazyLock<String> = LazyLock::new(|| {
+    let stale = "(j.executor = 'daemon' AND j.lease_expires_at < now())
+        OR (j.executor = 'external'
+            AND coalesce(j.last_heartbeat_at, j.claimed_at, j.updated_at)
+                < now() - $1 * interval '1 millisecond')";
+    let daemon = "j.executor = 'daemon'";
+    // Exactly one of these holds for a daemon job; an external job is failed.
+    let retry =
+        format!("({daemon} AND j.rollback_started_at IS NULL AND j.retry_count < j.max_retries)");
+    let roll =
+        format!("({daemon} AND j.rollback_started_at IS NULL AND j.retry_count >= j.max_retries)");
+    let resume = format!(
+        "({daemon} AND j.rollback_started_at IS NOT NULL \
+         AND j.rollback_resumes < {MAX_ROLLBACK_RESUMES})"
+    );
+    let requeue = format!("({retry} OR {roll} OR {resume})");
+    let reason = "(CASE WHEN j.executor = 'daemon'
                 THEN 'lease expired: worker ' || coalesce(j.lease_owner, '?')
                      || ' stopped renewing it'
                 ELSE 'Timeout: No heartbeat for '
                      || floor(extract(epoch FROM now()
                         - coalesce(j.last_heartbeat_at, j.claimed_at, j.updated_at)))::bigint
                      || 's'
-           END AS reason
-    FROM provisioning_jobs j JOIN stale s ON s.id = j.id
+           END)";
+    format!(
+        "\
+WITH stale AS (
+    SELECT j.id FROM provisioning_jobs j
+    WHERE j.status = 'provisioning' {{filter}} AND ({stale})
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
 ), upd AS (
 UPDATE provisioning_jobs j
-SET status = CASE WHEN d.retry THEN 'queued'::job_status ELSE 'failed'::job_status END,
-    retry_count = j.retry_count + d.retry::int,
-    run_after = CASE WHEN d.retry
-                     THEN now() + provisiond_backoff(j.retry_count, $2, $3) ELSE j.run_after END,
-    last_error = d.reason,
-    error = CASE WHEN d.retry THEN j.error ELSE d.reason END,
-    failed_step = CASE WHEN d.retry THEN j.failed_step
-                       ELSE coalesce(j.current_step, 'provisioning') END,
-    completed_at = CASE WHEN d.retry THEN NULL ELSE now() END,
+SET status = CASE WHEN {requeue} THEN 'queued'::job_status ELSE 'failed'::job_status END,
+    retry_count = j.retry_count + {retry}::int,
+    rollback_resumes = j.rollback_resumes + {resume}::int,
+    run_after = CASE WHEN {retry} THEN now() + provisiond_backoff(j.retry_count, $2, $3)
+                     WHEN {requeue} THEN now()
+                     ELSE j.run_after END,
+    last_error = {reason},
+    rollback_started_at = CASE WHEN {roll} THEN now() ELSE j.rollback_started_at END,
+    rollback_error = CASE WHEN {roll} THEN {reason} ELSE j.rollback_error END,
+    rollback_step = CASE WHEN {roll} THEN coalesce(j.current_step, 'provisioning')
+                         ELSE j.rollback_step END,
+    error = CASE WHEN {requeue} THEN j.error ELSE coalesce(j.rollback_error, {reason}) END,
+    failed_step = CASE WHEN {requeue} THEN j.failed_step
+                       ELSE coalesce(j.rollback_step, j.current_step, 'provisioning') END,
+    completed_at = CASE WHEN {requeue} THEN NULL ELSE now() END,
     lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-FROM decided d WHERE j.id = d.id
-RETURNING j.id, NOT d.retry AS failed
+FROM stale s WHERE j.id = s.id AND j.status = 'provisioning' AND ({stale})
+RETURNING j.id, j.rollback_step, j.rollback_error, j.retry_count, j.last_error,
+          CASE WHEN j.status = 'failed' THEN 'failed'
+               -- now() is this statement's transaction time: decided by this statement.
+               WHEN j.rollback_started_at = now() THEN 'rolling_back'
+               WHEN j.rollback_started_at IS NOT NULL THEN 'rollback_resumed'
+               ELSE 'retried' END AS outcome
+), event AS (
+    -- The trigger records the requeue; this says why (other CTEs see the old row: use upd's).
+    INSERT INTO job_events (job_id, step, message, data)
+    SELECT id, rollback_step,
+           CASE outcome WHEN 'rolling_back' THEN 'rolling back'
+                        ELSE 'rollback resumed: its worker stopped' END,
+           jsonb_build_object('error', rollback_error, 'cause', last_error,
+                              'attempt', retry_count + 1)
+    FROM upd WHERE outcome IN ('rolling_back', 'rollback_resumed')
 ), instance AS (
     UPDATE agent_instances i SET status = 'failed', updated_at = now()
-    FROM upd WHERE i.job_id = upd.id AND upd.failed
+    FROM upd WHERE i.job_id = upd.id AND upd.outcome = 'failed'
 )
-SELECT id, failed FROM upd";
+SELECT id, outcome FROM upd"
+    )
+});
 
 /// Announces, after commit, that jobs may have become claimable: one `pg_notify` for any number
 /// of pokes that arrive while the previous one is being sent.
@@ -518,10 +610,11 @@ impl Queue {
     }
 
     /// Ends an attempt that failed: back to `queued` with backoff while retries remain and the
-    /// failure is retryable, else `failed` with `error` and `failed_step`. Fenced.
+    /// failure is retryable; else the job starts rolling back (see [`FailOutcome::RollingBack`]).
+    /// Either way the error is kept in `last_error` and in the job's events. Fenced.
     pub async fn fail(&self, lease: &Lease, failure: &Failure) -> Result<FailOutcome, QueueError> {
         let mut conn = self.pool.get().await?;
-        let rows: Vec<FailRow> = diesel::sql_query(FAIL_SQL)
+        let rows: Vec<Job> = diesel::sql_query(FAIL_SQL.as_str())
             .bind::<diesel::sql_types::Uuid, _>(lease.job_id)
             .bind::<diesel::sql_types::Uuid, _>(lease.token)
             .bind::<Bool, _>(failure.retryable)
@@ -529,16 +622,48 @@ impl Queue {
             .bind::<Nullable<Text>, _>(failure.step.as_deref())
             .bind::<Integer, _>(millis_i32(self.settings.backoff_base))
             .bind::<Integer, _>(millis_i32(self.settings.backoff_cap))
+            .bind::<BigInt, _>(millis(self.settings.lease_ttl))
             .load(&mut conn)
             .await?;
-        if !rows.is_empty() {
-            self.notifier.poke();
-        }
         match rows.into_iter().next() {
             None => Err(QueueError::LeaseLost(lease.job_id)),
-            Some(FailRow { failed: true, .. }) => Ok(FailOutcome::Failed),
-            Some(FailRow { run_after, .. }) => Ok(FailOutcome::RetryScheduled { run_after }),
+            Some(job) if job.status() == JobStatus::Queued => {
+                self.notifier.poke();
+                Ok(FailOutcome::RetryScheduled {
+                    run_after: job.run_after,
+                })
+            }
+            Some(job) => Ok(FailOutcome::RollingBack(Box::new(job))),
         }
+    }
+
+    /// Ends a rollback: the job becomes `failed` with the error and step recorded when the
+    /// rollback was decided; `note` goes into its events (whether everything was deleted).
+    /// Fenced: only the holder of the lease of a job that is rolling back can do this.
+    pub async fn finish_rollback(&self, lease: &Lease, note: &str) -> Result<(), QueueError> {
+        let mut conn = self.pool.get().await?;
+        let rows: Vec<IdRow> = diesel::sql_query(FINISH_ROLLBACK_SQL)
+            .bind::<diesel::sql_types::Uuid, _>(lease.job_id)
+            .bind::<diesel::sql_types::Uuid, _>(lease.token)
+            .bind::<Text, _>(note)
+            .load(&mut conn)
+            .await?;
+        if rows.is_empty() {
+            return Err(QueueError::LeaseLost(lease.job_id));
+        }
+        // A failed job may free its user's next purchase.
+        self.notifier.poke();
+        Ok(())
+    }
+
+    /// Renews one lease and says whether it is still held: `true` means nobody else can take
+    /// the job for a whole `lease_ttl` from now (the sweep only takes expired leases), which is
+    /// what a holder checks before an irreversible external call such as a delete.
+    pub async fn confirm_lease(&self, lease: &Lease) -> Result<bool, QueueError> {
+        Ok(!self
+            .extend_leases(std::slice::from_ref(lease))
+            .await?
+            .is_empty())
     }
 
     /// Records that a job reached `step`: the job's and its instance's `current_step`, and an
@@ -571,8 +696,8 @@ impl Queue {
     /// The seed's one-job timeout check, run before a job's status is read. Returns whether the
     /// job was swept.
     pub async fn check_job_timeout(&self, job_id: Uuid) -> Result<bool, QueueError> {
-        let report = self.sweep_where("AND id = $4", Some(job_id)).await?;
-        Ok(!report.retried.is_empty() || !report.failed.is_empty())
+        let report = self.sweep_where("AND j.id = $4", Some(job_id)).await?;
+        Ok(report != SweepReport::default())
     }
 
     async fn sweep_where(
@@ -600,10 +725,10 @@ impl Queue {
         }
         let mut report = SweepReport::default();
         for row in rows {
-            if row.failed {
-                report.failed.push(row.id);
-            } else {
-                report.retried.push(row.id);
+            match row.outcome.as_str() {
+                "failed" => report.failed.push(row.id),
+                "rolling_back" | "rollback_resumed" => report.rolling_back.push(row.id),
+                _ => report.retried.push(row.id),
             }
         }
         Ok(report)

@@ -10,13 +10,18 @@
 //! - On shutdown: stop claiming at once, ask handlers to stop at a checkpoint, wait up to the
 //!   grace period, then hand every lease still held back to the queue without spending an
 //!   attempt.
+//! - A job that fails for good is rolled back by the lease holder, never after the lease is
+//!   gone: the fenced `fail` records the decision first and keeps the lease, then the handler's
+//!   [`JobHandler::rollback`] runs (the heartbeat keeps renewing the lease), then the fenced
+//!   `finish_rollback` makes the job `failed`. A claimed job that is already rolling back (its
+//!   previous holder died mid-rollback, or the sweep gave it up) goes straight to the rollback.
 //!
 //! A panicking handler is caught and counts as a retryable failure of that attempt.
 
 mod listener;
 
 use crate::db::models::{Job, Lease};
-use crate::queue::{Failure, Queue, QueueError};
+use crate::queue::{FailOutcome, Failure, Queue, QueueError};
 use crate::secret::Secret;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -72,8 +77,29 @@ impl JobContext {
     }
 }
 
+/// How a rollback ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackOutcome {
+    /// Finished; `complete` is false when something was left for the reaper.
+    Done { complete: bool },
+    /// Stopped before an external call because the stop token fired or the lease could not be
+    /// confirmed. The rollback decision stays recorded; whoever holds the job next resumes it.
+    Interrupted,
+    /// A lease check said the job has another owner: nothing more was touched.
+    LeaseLost,
+}
+
 pub trait JobHandler: Send + Sync + 'static {
     fn run(&self, ctx: JobContext) -> BoxFuture<'static, Outcome>;
+
+    /// Undoes what `run` made outside the database, for a job that failed for good. Called with
+    /// the lease held and renewed, and with `ctx.job` as the row is now (checkpoints included).
+    /// It must be idempotent (it may be resumed after a crash) and confirm the lease
+    /// ([`Queue::confirm_lease`]) before every irreversible external call. The default has
+    /// nothing to undo.
+    fn rollback(&self, _ctx: JobContext) -> BoxFuture<'static, RollbackOutcome> {
+        futures::future::ready(RollbackOutcome::Done { complete: true }).boxed()
+    }
 }
 
 /// Completes each job after `hold`, touching nothing outside the database. For tests and
@@ -326,12 +352,6 @@ fn spawn_job(
         },
     );
     let span = tracing::info_span!("job", job.id = %job.id, attempt = job.retry_count + 1);
-    let ctx = JobContext {
-        job,
-        lease,
-        queue: queue.clone(),
-        stop: stop.clone(),
-    };
     let (queue, handler, held, complete_tx) = (
         queue.clone(),
         handler.clone(),
@@ -340,19 +360,84 @@ fn spawn_job(
     );
     tasks.spawn(
         async move {
-            let outcome = AssertUnwindSafe(handler.run(ctx))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| Outcome::Retry {
-                    error: "handler panicked".into(),
-                    step: None,
-                });
-            finish(&queue, &held, &complete_tx, lease, &stop, outcome).await;
+            let ctx = |job| JobContext {
+                job,
+                lease,
+                queue: queue.clone(),
+                stop: stop.clone(),
+            };
+            let to_roll_back = if job.rolling_back() {
+                tracing::warn!("job is rolling back: resuming its rollback");
+                Some(job)
+            } else {
+                let outcome = AssertUnwindSafe(handler.run(ctx(job)))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| Outcome::Retry {
+                        error: "handler panicked".into(),
+                        step: None,
+                    });
+                finish(&queue, &held, &complete_tx, lease, &stop, outcome).await
+            };
+            if let Some(job) = to_roll_back {
+                roll_back(&queue, &held, lease, &stop, handler.rollback(ctx(job))).await;
+            }
         }
         .instrument(span),
     );
 }
 
+/// Runs a rollback while the lease is held, then ends the job with the fenced final write.
+async fn roll_back(
+    queue: &Queue,
+    held: &HeldMap,
+    lease: Lease,
+    stop: &CancellationToken,
+    rollback: BoxFuture<'static, RollbackOutcome>,
+) {
+    // A panicking rollback would panic again on every resume: count it as incomplete and leave
+    // the rest to the reaper.
+    let outcome = AssertUnwindSafe(rollback)
+        .catch_unwind()
+        .await
+        .unwrap_or(RollbackOutcome::Done { complete: false });
+    let still_held = lock(held).contains_key(&lease.job_id);
+    match outcome {
+        RollbackOutcome::Done { complete } => {
+            crate::metrics::rollback(if complete {
+                "complete"
+            } else {
+                "left_to_reaper"
+            });
+            let note = if complete {
+                "rolled back"
+            } else {
+                "rollback incomplete: the reaper deletes what is left"
+            };
+            match queue.finish_rollback(&lease, note).await {
+                Ok(()) => tracing::info!(complete, "rolled back; job failed"),
+                Err(QueueError::LeaseLost(_)) => {
+                    tracing::warn!("lease lost before the rollback's final write")
+                }
+                // The lease expires, the sweep requeues the job and its next holder finishes
+                // the (idempotent) rollback.
+                Err(e) => tracing::error!(error = %e, "could not record the end of the rollback"),
+            }
+        }
+        RollbackOutcome::Interrupted if still_held && stop.is_cancelled() => {
+            // Shutting down: handed back with the rollback still recorded; resumed elsewhere.
+            tracing::info!("rollback interrupted; lease will be handed back");
+            return;
+        }
+        RollbackOutcome::Interrupted | RollbackOutcome::LeaseLost => {
+            tracing::warn!("rollback stopped: lease lost or unconfirmed; left to its next holder");
+        }
+    }
+    lock(held).remove(&lease.job_id);
+}
+
+/// Writes the end of an attempt. Returns the job when the attempt failed for good and its
+/// rollback is to run now, under the same lease (which then stays in `held`).
 async fn finish(
     queue: &Queue,
     held: &HeldMap,
@@ -360,17 +445,17 @@ async fn finish(
     lease: Lease,
     stop: &CancellationToken,
     outcome: Outcome,
-) {
+) -> Option<Job> {
     let still_held = lock(held).contains_key(&lease.job_id);
-    let result: Result<(), QueueError> = match outcome {
+    let result: Result<Option<Job>, QueueError> = match outcome {
         Outcome::Interrupted if still_held && stop.is_cancelled() => {
             // Shutting down: the lease stays in `held` and is handed back in one statement.
             tracing::info!("interrupted at a checkpoint; lease will be handed back");
-            return;
+            return None;
         }
         Outcome::LeaseLost | Outcome::Interrupted if !still_held => {
             tracing::warn!("lease lost; job left to its new owner");
-            return;
+            return None;
         }
         Outcome::Complete => {
             let (tx, rx) = oneshot::channel();
@@ -381,18 +466,18 @@ async fn finish(
             match written {
                 Ok(true) => {
                     tracing::info!("completed");
-                    Ok(())
+                    Ok(None)
                 }
                 Ok(false) => Err(QueueError::LeaseLost(lease.job_id)),
                 Err(e) => {
                     // The lease will expire and the sweep retries the job; handlers are
                     // idempotent, so that is safe.
                     tracing::error!(error = %e, "could not record completion");
-                    Ok(())
+                    Ok(None)
                 }
             }
         }
-        Outcome::Finished => Ok(()),
+        Outcome::Finished => Ok(None),
         Outcome::Retry { error, step } => {
             report_failure(
                 queue,
@@ -431,18 +516,31 @@ async fn finish(
             .await
         }
     };
-    if let Err(QueueError::LeaseLost(_)) = result {
-        tracing::warn!("lease lost before the job's final write");
-    } else if let Err(e) = result {
-        tracing::error!(error = %e, "could not record the job's outcome");
+    match result {
+        Ok(Some(job)) => return Some(job),
+        Ok(None) => {}
+        Err(QueueError::LeaseLost(_)) => tracing::warn!("lease lost before the job's final write"),
+        Err(e) => tracing::error!(error = %e, "could not record the job's outcome"),
     }
     lock(held).remove(&lease.job_id);
+    None
 }
 
-async fn report_failure(queue: &Queue, lease: &Lease, failure: Failure) -> Result<(), QueueError> {
-    let outcome = queue.fail(lease, &failure).await?;
-    tracing::warn!(error = %failure.error, step = ?failure.step, ?outcome, "attempt failed");
-    Ok(())
+async fn report_failure(
+    queue: &Queue,
+    lease: &Lease,
+    failure: Failure,
+) -> Result<Option<Job>, QueueError> {
+    match queue.fail(lease, &failure).await? {
+        FailOutcome::RetryScheduled { run_after } => {
+            tracing::warn!(error = %failure.error, step = ?failure.step, %run_after, "attempt failed; retry scheduled");
+            Ok(None)
+        }
+        FailOutcome::RollingBack(job) => {
+            tracing::error!(error = %failure.error, step = ?failure.step, "job failed for good; rolling back");
+            Ok(Some(*job))
+        }
+    }
 }
 
 /// Extends all held leases in one statement per interval; fires the stop token of any job whose

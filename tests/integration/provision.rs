@@ -1072,3 +1072,282 @@ async fn forty_jobs_at_20_percent_transient_faults_on_every_endpoint_all_end_run
         "valid keys after a reap: {valid_keys:?}"
     );
 }
+
+// ---- Rollback only by the lease holder ------------------------------------------------------
+
+/// Runs SQL and the real queue on their own runtime and connection, from inside a failpoint
+/// (which is synchronous): what another daemon does while this one is between two calls.
+fn meanwhile<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f())
+    })
+    .join()
+    .expect("the other daemon's step");
+}
+
+/// Another daemon takes job `id` over: its lease is expired, the sweep requeues it, worker-b
+/// claims it (and would adopt the job's server by label).
+async fn take_over(url: provisiond::secret::Secret, id: Uuid) {
+    let pool = provisiond::db::connect(&url, 2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let q = Queue::new(pool, QueueSettings::default());
+    let mut conn = diesel_async::AsyncPgConnection::establish(url.expose())
+        .await
+        .unwrap();
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    diesel::sql_query(format!(
+        "UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = '{id}'"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(q.sweep().await.unwrap().retried, vec![id]);
+    diesel::sql_query("UPDATE provisioning_jobs SET run_after = now()")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(q.claim("worker-b", 1).await.unwrap().len(), 1);
+}
+
+/// Delegates to a provisioner and reports when each of its calls returned.
+struct Observed {
+    p: Provisioner,
+    runs: tokio::sync::mpsc::UnboundedSender<provisiond::worker::Outcome>,
+    rollbacks: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl JobHandler for Observed {
+    fn run(
+        &self,
+        ctx: JobContext,
+    ) -> futures::future::BoxFuture<'static, provisiond::worker::Outcome> {
+        let (run, tx) = (self.p.run(ctx), self.runs.clone());
+        Box::pin(async move {
+            let outcome = run.await;
+            let _ = tx.send(outcome.clone());
+            outcome
+        })
+    }
+
+    fn rollback(
+        &self,
+        ctx: JobContext,
+    ) -> futures::future::BoxFuture<'static, provisiond::worker::RollbackOutcome> {
+        self.rollbacks
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.p.rollback(ctx)
+    }
+}
+
+fn observing_worker(
+    env: &Env,
+    handler: Arc<dyn JobHandler>,
+    owner: &str,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<provisiond::worker::WorkerReport>,
+) {
+    let stop = CancellationToken::new();
+    let w = Worker::new(
+        env.queue.clone(),
+        handler,
+        WorkerSettings {
+            owner: owner.into(),
+            concurrency: 4,
+            claim_batch: 4,
+            poll_interval: Duration::from_millis(200),
+            // The lease is lost behind this worker's back, not found by its heartbeat.
+            heartbeat_interval: Duration::from_secs(14),
+            shutdown_grace: Duration::from_secs(5),
+        },
+        env.db.url.clone(),
+    );
+    (stop.clone(), tokio::spawn(w.run(stop)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_lease_is_reclaimed_while_it_fails_deletes_nothing() {
+    // The server never comes up: the attempt fails for good ("stays off") without another
+    // checkpoint after vm_created, which is where the job is taken over.
+    let mut sim = SimConfig::default();
+    sim.faults.fail_actions = true;
+    let env = env(sim).await;
+    let id = env.queue.enqueue(&job("us-east")).await.unwrap().job().id;
+    let url = env.db.url.clone();
+    let p = provisioner(&env.sim, Duration::from_secs(30)).with_failpoint(Arc::new(move |at| {
+        if at == "after_checkpoint:vm_created" {
+            let url = url.clone();
+            meanwhile(move || take_over(url, id));
+        }
+        false
+    }));
+    let (runs, mut ran) = tokio::sync::mpsc::unbounded_channel();
+    let rollbacks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = Arc::new(Observed {
+        p,
+        runs,
+        rollbacks: rollbacks.clone(),
+    });
+    let (stop, task) = observing_worker(&env, handler, "worker-a");
+    let outcome = ran.recv().await.unwrap();
+    // Stopping drains the worker: its fenced fail has been answered by then.
+    stop.cancel();
+    task.await.unwrap();
+
+    assert!(
+        matches!(outcome, provisiond::worker::Outcome::Fail { .. }),
+        "{outcome:?}"
+    );
+    let state = env.sim.state();
+    assert_eq!(
+        state.count("DELETE /v1/servers/{id}"),
+        0,
+        "the stale worker deleted the new owner's server"
+    );
+    assert_eq!(state.count("DELETE /api/v2/tailnet/{tailnet}/keys/{id}"), 0);
+    assert_eq!(rollbacks.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let server = servers_of(&env.sim, id);
+    assert_eq!(server.len(), 1);
+    assert!(
+        state
+            .servers
+            .iter()
+            .all(|s| s.status != provisiond::sim::ServerStatus::Deleting)
+    );
+    let j = env.queue.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.status(), j.lease_owner.as_deref(), j.rolling_back()),
+        (JobStatus::Provisioning, Some("worker-b"), false),
+        "the new owner's job is as it took it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_in_the_middle_of_a_rollback_is_resumed_by_the_next_claimer() {
+    for point in [
+        "rollback:delete server",
+        "rollback:delete device",
+        "rollback:revoke key",
+    ] {
+        // The device joins, then the last step fails with no retry left: there is a server, a
+        // device and a key to clean up.
+        let mut sim = SimConfig::default();
+        sim.faults.rules = vec![fault(
+            "DELETE /api/v2/tailnet/{tailnet}/keys/{id}",
+            "500",
+            1,
+        )];
+        let env = env(sim).await;
+        let mut new = job("eu-central");
+        new.max_retries = Some(0);
+        let id = env.queue.enqueue(&new).await.unwrap().job().id;
+        let crashed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = crashed.clone();
+        let p =
+            provisioner(&env.sim, Duration::from_secs(30)).with_failpoint(Arc::new(move |at| {
+                at == point && !flag.swap(true, std::sync::atomic::Ordering::SeqCst)
+            }));
+        let (stop, task) = worker(&env, p, "doomed");
+        let t0 = Instant::now();
+        while !crashed.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{point}: never reached"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        let j = env.queue.get(id).await.unwrap().unwrap();
+        assert!(
+            j.status() == JobStatus::Provisioning && j.rolling_back(),
+            "{point}: died rolling back: {j:?}"
+        );
+
+        // Its lease runs out; the sweep requeues it; another daemon claims it.
+        env.db
+            .exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
+            .await;
+        // No retry is left, but the rollback was decided already: requeued for its rollback.
+        assert_eq!(
+            env.queue.sweep().await.unwrap().rolling_back,
+            vec![id],
+            "{point}"
+        );
+        let (stop, task) = worker(&env, provisioner(&env.sim, Duration::from_secs(30)), "next");
+        let j = settle(&env.queue, &[id], Duration::from_secs(30))
+            .await
+            .remove(0);
+        stop.cancel();
+        task.await.unwrap();
+        assert_rolled_back(&env, &j).await;
+        assert_eq!(
+            j.failed_step.as_deref(),
+            Some("network_configured"),
+            "{point}"
+        );
+        assert!(
+            j.error.as_deref().unwrap().contains("revoke"),
+            "{point}: {:?}",
+            j.error
+        );
+        assert!(env.sim.state().servers.is_empty(), "{point}: nothing left");
+        assert_eq!(
+            env.sim.state().count("POST /v1/servers"),
+            1,
+            "{point}: the resumed job rolled back, it did not provision again"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_sweep_gives_up_is_rolled_back_by_the_next_claimer() {
+    let env = env(SimConfig::default()).await;
+    let mut new = job("eu-central");
+    new.max_retries = Some(0);
+    let id = env.queue.enqueue(&new).await.unwrap().job().id;
+    // The process dies right after creating the server; no retry is left.
+    let p = provisioner(&env.sim, Duration::from_secs(30))
+        .with_failpoint(Arc::new(|at| at == "after_checkpoint:vm_created"));
+    let claimed = env.queue.claim("doomed", 1).await.unwrap().remove(0);
+    let ctx = JobContext {
+        lease: claimed.lease().unwrap(),
+        job: claimed,
+        queue: env.queue.clone(),
+        stop: CancellationToken::new(),
+    };
+    p.run(ctx).await;
+    assert_eq!(servers_of(&env.sim, id).len(), 1);
+    env.db
+        .exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
+        .await;
+    assert_eq!(env.queue.sweep().await.unwrap().rolling_back, vec![id]);
+
+    let (stop, task) = worker(&env, provisioner(&env.sim, Duration::from_secs(30)), "next");
+    let j = settle(&env.queue, &[id], Duration::from_secs(30))
+        .await
+        .remove(0);
+    stop.cancel();
+    task.await.unwrap();
+    assert_rolled_back(&env, &j).await;
+    assert!(
+        j.error.as_deref().unwrap().contains("lease expired"),
+        "{:?}",
+        j.error
+    );
+    assert_eq!(j.failed_step.as_deref(), Some("vm_created"));
+    assert_eq!(
+        env.sim.state().count("POST /v1/servers"),
+        1,
+        "not provisioned again"
+    );
+}

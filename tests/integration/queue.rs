@@ -309,7 +309,7 @@ async fn stale_worker_cannot_write_after_its_job_is_reclaimed() {
 }
 
 #[tokio::test]
-async fn expired_leases_retry_with_backoff_until_max_retries_then_fail() {
+async fn expired_leases_retry_with_backoff_until_max_retries_then_roll_back_and_fail() {
     let db = TestDb::new().await;
     let q = queue(&db).await;
     let mut job = new_job(Uuid::new_v4());
@@ -348,14 +348,86 @@ async fn expired_leases_retry_with_backoff_until_max_retries_then_fail() {
     claim_one(&q, "w").await;
     db.exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
         .await;
+    // No retry left: not failed yet, but requeued at once for the next claimer to roll back.
     let report = q.sweep().await.unwrap();
-    assert_eq!(report.failed, vec![id]);
+    assert_eq!(report.rolling_back, vec![id]);
+    assert!(report.failed.is_empty() && report.retried.is_empty());
+    let j = q.get(id).await.unwrap().unwrap();
+    assert_eq!((j.status(), j.retry_count), (JobStatus::Queued, 2));
+    assert!(j.rolling_back() && j.run_after <= chrono::Utc::now());
+    assert!(
+        j.rollback_error
+            .as_deref()
+            .unwrap()
+            .contains("lease expired")
+    );
+    assert_eq!(
+        j.error, None,
+        "the web app sees an error only once the job failed"
+    );
+    let claimed = claim_one(&q, "w").await;
+    assert!(claimed.rolling_back(), "the claimer is told to roll back");
+    q.finish_rollback(&claimed.lease().unwrap(), "rolled back")
+        .await
+        .unwrap();
     let j = q.get(id).await.unwrap().unwrap();
     assert_eq!(j.status(), JobStatus::Failed);
     assert_eq!(j.retry_count, 2);
     assert!(j.error.as_deref().unwrap().contains("lease expired"));
     assert_eq!(j.failed_step.as_deref(), Some("vm_created"));
-    assert!(j.completed_at.is_some());
+    assert!(j.completed_at.is_some() && j.lease_token.is_none());
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM job_events WHERE job_id = '{id}' AND message = 'rolling back' \
+             AND data->>'error' LIKE 'lease expired%'"
+        ))
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_rollback_whose_worker_keeps_dying_is_resumed_then_failed_by_the_sweep() {
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    let mut job = new_job(Uuid::new_v4());
+    job.max_retries = Some(1);
+    let id = q.enqueue(&job).await.unwrap().job().id;
+    let lease = claim_one(&q, "w").await.lease().unwrap();
+    let fatal = Failure {
+        error: "invalid_input".into(),
+        step: Some("vm_created".into()),
+        retryable: false,
+    };
+    assert!(matches!(
+        q.fail(&lease, &fatal).await.unwrap(),
+        FailOutcome::RollingBack(_)
+    ));
+    // Each worker that takes the rollback up dies; the rollback is resumed without spending a
+    // provisioning attempt, a bounded number of times, then the sweep gives the job up.
+    for resumes in 1..=provisiond::queue::MAX_ROLLBACK_RESUMES + 1 {
+        db.exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
+            .await;
+        let report = q.sweep().await.unwrap();
+        let j = q.get(id).await.unwrap().unwrap();
+        assert_eq!(j.retry_count, 0, "no provisioning attempt spent");
+        if resumes <= provisiond::queue::MAX_ROLLBACK_RESUMES {
+            assert_eq!(report.rolling_back, vec![id]);
+            assert_eq!(j.rollback_resumes, resumes);
+            assert!(
+                j.rolling_back() && j.run_after <= chrono::Utc::now(),
+                "resumed at once"
+            );
+            assert!(claim_one(&q, "w2").await.rolling_back());
+        } else {
+            assert_eq!(report.failed, vec![id]);
+            assert_eq!(j.status(), JobStatus::Failed);
+            // The error the job gave up with, not the death of its rollback.
+            assert_eq!(j.error.as_deref(), Some("invalid_input"));
+            assert_eq!(j.failed_step.as_deref(), Some("vm_created"));
+            assert!(j.last_error.as_deref().unwrap().contains("lease expired"));
+        }
+    }
 }
 
 #[tokio::test]
@@ -389,9 +461,24 @@ async fn worker_failures_retry_with_backoff_or_fail_for_good() {
         step: Some("vm_created".into()),
         retryable: false,
     };
-    assert_eq!(q.fail(&lease, &fatal).await.unwrap(), FailOutcome::Failed);
+    // Failing for good first records the decision, keeping the lease for the rollback.
+    let FailOutcome::RollingBack(j) = q.fail(&lease, &fatal).await.unwrap() else {
+        panic!("a fatal failure rolls back");
+    };
+    assert_eq!(j.status(), JobStatus::Provisioning);
+    assert_eq!(j.lease_token, Some(lease.token));
+    assert_eq!(j.rollback_error.as_deref(), Some("invalid_input"));
+    assert_eq!(j.last_error.as_deref(), Some("invalid_input"));
+    assert_eq!(j.error, None);
+    assert!(q.confirm_lease(&lease).await.unwrap(), "still held");
+    assert!(
+        matches!(q.complete(&lease).await, Err(QueueError::LeaseLost(_))),
+        "a job rolling back never becomes running"
+    );
+    q.finish_rollback(&lease, "rolled back").await.unwrap();
     let j = q.get(id).await.unwrap().unwrap();
     assert_eq!(j.status(), JobStatus::Failed);
+    assert!(j.lease_token.is_none());
     assert_eq!(j.error.as_deref(), Some("invalid_input"));
     assert_eq!(j.failed_step.as_deref(), Some("vm_created"));
     assert_eq!(j.retry_count, 1, "a fatal failure spends no retry");
@@ -449,10 +536,14 @@ async fn running_and_failed_jobs_never_go_back() {
         retryable: false,
     };
     q.fail(&lease_of(failed), &fatal).await.unwrap();
+    q.finish_rollback(&lease_of(failed), "rolled back")
+        .await
+        .unwrap();
 
     // Late writes through the queue are refused by the fence...
     assert!(q.complete(&lease_of(failed)).await.is_err());
     assert!(q.fail(&lease_of(done), &fatal).await.is_err());
+    assert!(q.finish_rollback(&lease_of(failed), "again").await.is_err());
     assert!(q.sweep().await.unwrap() == Default::default());
     // ...and a writer that bypasses it is refused by the database.
     let mut conn = db.conn().await;
@@ -496,4 +587,275 @@ async fn heartbeat_extends_all_held_leases_in_one_statement() {
         db.count("SELECT count(*) FROM provisioning_jobs WHERE lease_expires_at > now() + interval '20 seconds' AND last_heartbeat_at > now() - interval '5 seconds'").await,
         5
     );
+}
+
+// ---- Fencing under concurrency -------------------------------------------------------------
+//
+// Each test below interleaves two connections on purpose. Worker B takes the job over from
+// stale worker A inside one open transaction (the real sweep requeues A's expired lease and the
+// real claim gives B a new token), so B holds the job's row lock. A's write is then issued from
+// another connection and seen waiting on that lock (pg_stat_activity); B commits; A's write
+// must come back `LeaseLost` having changed nothing: the job row, its instance and its events
+// are byte-identical to what B committed.
+
+/// One statement on a connection of `pool` (of size one: the open transaction lives there).
+async fn on(pool: &provisiond::db::Pool, sql: &str) {
+    let mut conn = pool.get().await.unwrap();
+    diesel_async::RunQueryDsl::execute(diesel::sql_query(sql), &mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+#[derive(diesel::QueryableByName)]
+struct Text1 {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    t: String,
+}
+
+/// Everything a write to job `id` could change, as text.
+fn state_sql(id: Uuid) -> String {
+    format!(
+        "SELECT concat_ws(E'\\n',
+            (SELECT p::text FROM provisioning_jobs p WHERE id = '{id}'),
+            (SELECT string_agg(i::text, E'\\n' ORDER BY i.id) FROM agent_instances i WHERE job_id = '{id}'),
+            (SELECT string_agg(e::text, E'\\n' ORDER BY e.id) FROM job_events e WHERE job_id = '{id}')
+         ) AS t"
+    )
+}
+
+async fn state_on(conn: &mut diesel_async::AsyncPgConnection, id: Uuid) -> String {
+    diesel_async::RunQueryDsl::get_result::<Text1>(diesel::sql_query(state_sql(id)), conn)
+        .await
+        .unwrap()
+        .t
+}
+
+/// Worker B's takeover, open: B's pool has one connection, inside `BEGIN`.
+struct OpenTakeover {
+    pool: provisiond::db::Pool,
+    pid: i64,
+    fresh: Job,
+}
+
+impl OpenTakeover {
+    async fn begin(db: &TestDb, id: Uuid) -> OpenTakeover {
+        db.exec(&format!(
+            "UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = '{id}'"
+        ))
+        .await;
+        let pool = provisiond::db::connect(&db.url, 1, Duration::from_secs(10))
+            .await
+            .unwrap();
+        on(&pool, "BEGIN").await;
+        // The queue's statements run on the pool's one connection, so inside the transaction.
+        let qb = Queue::new(pool.clone(), settings());
+        let report = qb.sweep().await.unwrap();
+        assert!(
+            report.retried == vec![id] || report.rolling_back == vec![id],
+            "{report:?}"
+        );
+        on(&pool, "UPDATE provisioning_jobs SET run_after = now()").await;
+        let fresh = claim_one(&qb, "worker-b").await;
+        assert_eq!(fresh.id, id);
+        let pid = db_pid(&pool).await;
+        OpenTakeover { pool, pid, fresh }
+    }
+
+    /// What B is about to commit.
+    async fn state(&self) -> String {
+        let mut conn = self.pool.get().await.unwrap();
+        state_on(&mut conn, self.fresh.id).await
+    }
+
+    async fn commit(self) {
+        on(&self.pool, "COMMIT").await;
+    }
+}
+
+async fn db_pid(pool: &provisiond::db::Pool) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    let mut conn = pool.get().await.unwrap();
+    let p: Pid = diesel_async::RunQueryDsl::get_result(
+        diesel::sql_query("SELECT pg_backend_pid() AS pid"),
+        &mut *conn,
+    )
+    .await
+    .unwrap();
+    p.pid.into()
+}
+
+/// Waits (polling the server, not the clock) until some backend waits on a lock `blocker` holds.
+async fn wait_until_blocked_by(db: &TestDb, blocker: i64) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock' \
+         AND {blocker} = ANY(pg_blocking_pids(pid))",
+        db.name
+    );
+    for _ in 0..6000 {
+        if db.count(&sql).await > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the stale write never waited on the new owner's row lock");
+}
+
+/// A write stale worker A makes with its old lease.
+#[derive(Debug, Clone, Copy)]
+enum StaleWrite {
+    Fail { retryable: bool },
+    Checkpoint,
+    CompleteWithMetadata,
+    Extend,
+    Complete,
+    HandBack,
+    FinishRollback,
+}
+
+async fn write(q: &Queue, lease: Lease, w: StaleWrite) -> Result<(), QueueError> {
+    let lost = |held: bool| {
+        held.then_some(())
+            .ok_or(QueueError::LeaseLost(lease.job_id))
+    };
+    match w {
+        StaleWrite::Fail { retryable } => {
+            let failure = Failure {
+                error: "stale".into(),
+                step: Some("vm_created".into()),
+                retryable,
+            };
+            q.fail(&lease, &failure).await.map(drop)
+        }
+        StaleWrite::Checkpoint => {
+            q.checkpoint(&lease, "vm_created", "stale", serde_json::json!({}))
+                .await
+        }
+        StaleWrite::CompleteWithMetadata => {
+            let meta = provisiond::queue::VmMetadata {
+                server_id: "1".into(),
+                server_ip: "192.0.2.1".into(),
+                tailscale_ip: "100.64.0.1".into(),
+            };
+            q.complete_with_metadata(lease.job_id, provisiond::queue::Fence::Lease(lease), &meta)
+                .await
+                .map(drop)
+        }
+        StaleWrite::Extend => lost(!q.extend_leases(&[lease]).await?.is_empty()),
+        StaleWrite::Complete => q.complete(&lease).await,
+        StaleWrite::HandBack => lost(q.hand_back(&[lease]).await?[0]),
+        StaleWrite::FinishRollback => q.finish_rollback(&lease, "stale").await,
+    }
+}
+
+/// The whole interleaving for one write; `rolling_back` puts A's job in its rollback first.
+async fn stale_write_blocked_behind_a_takeover_changes_nothing(w: StaleWrite, rolling_back: bool) {
+    let db = TestDb::new().await;
+    let q = queue(&db).await;
+    let mut job = new_job(Uuid::new_v4());
+    job.max_retries = Some(3);
+    let id = q.enqueue(&job).await.unwrap().job().id;
+    let stale = claim_one(&q, "worker-a").await.lease().unwrap();
+    q.checkpoint(&stale, "key_minted", "minted", serde_json::json!({}))
+        .await
+        .unwrap();
+    if rolling_back {
+        let fatal = Failure {
+            error: "fatal".into(),
+            step: None,
+            retryable: false,
+        };
+        assert!(matches!(
+            q.fail(&stale, &fatal).await.unwrap(),
+            FailOutcome::RollingBack(_)
+        ));
+    }
+
+    let b = OpenTakeover::begin(&db, id).await;
+    assert_ne!(b.fresh.lease_token, Some(stale.token));
+    assert_eq!(b.fresh.rolling_back(), rolling_back);
+    let committed = b.state().await;
+    let a = {
+        let q = q.clone();
+        tokio::spawn(async move { write(&q, stale, w).await })
+    };
+    wait_until_blocked_by(&db, b.pid).await;
+    assert!(!a.is_finished(), "{w:?} went through a held row lock");
+    b.commit().await;
+
+    let result = a.await.unwrap();
+    assert!(
+        matches!(result, Err(QueueError::LeaseLost(got)) if got == id),
+        "{w:?} by the stale worker: {result:?}"
+    );
+    let mut conn = db.conn().await;
+    assert_eq!(
+        state_on(&mut conn, id).await,
+        committed,
+        "{w:?}: the stale write changed the job, its instance or its events"
+    );
+    let j = q.get(id).await.unwrap().unwrap();
+    assert_eq!(j.status(), JobStatus::Provisioning);
+    assert_eq!(j.lease_owner.as_deref(), Some("worker-b"));
+}
+
+#[tokio::test]
+async fn a_stale_fatal_fail_blocked_behind_a_reclaim_changes_nothing() {
+    stale_write_blocked_behind_a_takeover_changes_nothing(
+        StaleWrite::Fail { retryable: false },
+        false,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_stale_retryable_fail_blocked_behind_a_reclaim_changes_nothing() {
+    stale_write_blocked_behind_a_takeover_changes_nothing(
+        StaleWrite::Fail { retryable: true },
+        false,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_stale_checkpoint_blocked_behind_a_reclaim_changes_nothing() {
+    stale_write_blocked_behind_a_takeover_changes_nothing(StaleWrite::Checkpoint, false).await;
+}
+
+#[tokio::test]
+async fn a_stale_completion_with_metadata_blocked_behind_a_reclaim_changes_nothing() {
+    stale_write_blocked_behind_a_takeover_changes_nothing(StaleWrite::CompleteWithMetadata, false)
+        .await;
+}
+
+#[tokio::test]
+async fn a_stale_heartbeat_blocked_behind_a_reclaim_changes_nothing() {
+    stale_write_blocked_behind_a_takeover_changes_nothing(StaleWrite::Extend, false).await;
+}
+
+#[tokio::test]
+async fn a_stale_completion_blocked_behind_a_reclaim_changes_nothing() {
+    stale_write_blocked_behind_a_takeover_changes_nothing(StaleWrite::Complete, false).await;
+}
+
+#[tokio::test]
+async fn a_stale_hand_back_blocked_behind_a_reclaim_changes_nothing() {
+    stale_write_blocked_behind_a_takeover_changes_nothing(StaleWrite::HandBack, false).await;
+}
+
+#[tokio::test]
+async fn a_stale_end_of_rollback_blocked_behind_a_reclaim_changes_nothing() {
+    stale_write_blocked_behind_a_takeover_changes_nothing(StaleWrite::FinishRollback, true).await;
+}
+
+#[tokio::test]
+async fn a_stale_fail_of_a_rolling_back_job_blocked_behind_a_reclaim_changes_nothing() {
+    stale_write_blocked_behind_a_takeover_changes_nothing(
+        StaleWrite::Fail { retryable: false },
+        true,
+    )
+    .await;
 }

@@ -291,22 +291,8 @@ async fn a_job_whose_lease_is_lost_is_stopped_and_left_to_its_new_owner() {
     let id = q.enqueue(&new_job()).await.unwrap().job().id;
     wait_for_status(&q, id, JobStatus::Provisioning, Duration::from_secs(10)).await;
 
-    // Another process reclaims the job behind this worker's back (as after a long pause). A
-    // heartbeat that lands between our expiry and the sweep renews the lease, so expire and
-    // sweep until the sweep takes the job (it wins within a try or two).
-    let mut swept = false;
-    for _ in 0..100 {
-        db.exec("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'")
-            .await;
-        if q.sweep().await.unwrap().retried.contains(&id) {
-            swept = true;
-            break;
-        }
-    }
-    assert!(swept, "the sweep never found the lease expired");
-    db.exec("UPDATE provisioning_jobs SET run_after = now()")
-        .await;
-    let other = q.claim("w-new", 1).await.unwrap();
+    // Another process reclaims the job behind this worker's back (as after a long pause).
+    let other = take_over(&db).await;
     assert_eq!(other.len(), 1);
 
     // The next heartbeat notices; the handler is stopped and its write is refused.
@@ -322,6 +308,119 @@ async fn a_job_whose_lease_is_lost_is_stopped_and_left_to_its_new_owner() {
     assert_eq!(j.status(), JobStatus::Provisioning);
     assert_eq!(j.lease_owner.as_deref(), Some("w-new"));
     assert_eq!(j.current_step, None, "the stale write did not land");
+}
+
+/// Another daemon takes the job over: its lease runs out, the real sweep and the real claim
+/// take it, all in one transaction. Done in separate commits, this worker could renew the
+/// lease in between (its heartbeat), or claim the job back first (woken by the sweep's
+/// NOTIFY), which made the test above flaky on a loaded machine.
+async fn take_over(db: &TestDb) -> Vec<provisiond::db::models::Job> {
+    let pool = provisiond::db::connect(&db.url, 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let sql = |q: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let mut c = pool.get().await.unwrap();
+            diesel_async::RunQueryDsl::execute(diesel::sql_query(q), &mut *c)
+                .await
+                .unwrap();
+        }
+    };
+    // The pool's one connection carries the transaction, so the queue's statements run in it.
+    sql("BEGIN").await;
+    sql("UPDATE provisioning_jobs SET lease_expires_at = now() - interval '1 second'").await;
+    let other = Queue::new(pool.clone(), queue_settings());
+    other.sweep().await.unwrap();
+    sql("UPDATE provisioning_jobs SET run_after = now()").await;
+    let claimed = other.claim("w-new", 1).await.unwrap();
+    sql("COMMIT").await;
+    claimed
+}
+
+/// Fails every attempt for good; records what its rollbacks saw.
+struct FailsForGood {
+    runs: Arc<AtomicUsize>,
+    seen: tokio::sync::mpsc::UnboundedSender<(provisiond::db::models::Job, bool)>,
+}
+
+impl JobHandler for FailsForGood {
+    fn run(&self, _ctx: JobContext) -> BoxFuture<'static, Outcome> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        async {
+            Outcome::Fail {
+                error: "quota exceeded".into(),
+                step: Some("vm_created".into()),
+            }
+        }
+        .boxed()
+    }
+
+    fn rollback(&self, ctx: JobContext) -> BoxFuture<'static, provisiond::worker::RollbackOutcome> {
+        let seen = self.seen.clone();
+        async move {
+            // What the database says while the rollback runs.
+            let now = ctx.queue.get(ctx.job.id).await.unwrap().unwrap();
+            let held = ctx.queue.confirm_lease(&ctx.lease).await.unwrap();
+            let _ = seen.send((now, held));
+            provisiond::worker::RollbackOutcome::Done { complete: true }
+        }
+        .boxed()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_fails_for_good_is_rolled_back_under_its_lease_then_failed() {
+    let db = TestDb::new().await;
+    let q = Queue::new(db.pool().await, queue_settings());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (seen, mut rollbacks) = tokio::sync::mpsc::unbounded_channel();
+    let handler = Arc::new(FailsForGood {
+        runs: runs.clone(),
+        seen,
+    });
+    let fresh = q.enqueue(&new_job()).await.unwrap().job().id;
+    // A job whose previous holder died while rolling it back.
+    let resumed = q.enqueue(&new_job()).await.unwrap().job().id;
+    db.exec(&format!(
+        "UPDATE provisioning_jobs SET rollback_started_at = now(), rollback_error = 'deadline', \
+         rollback_step = 'vm_running' WHERE id = '{resumed}'"
+    ))
+    .await;
+    let w = start(&db, &q, handler, worker_settings("w"));
+    let mut during = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let (job, held) = rollbacks.recv().await.unwrap();
+        during.insert(job.id, (job, held));
+    }
+    for id in [fresh, resumed] {
+        let (job, held) = &during[&id];
+        assert_eq!(
+            job.status(),
+            JobStatus::Provisioning,
+            "not failed before the rollback"
+        );
+        assert!(job.rolling_back() && job.lease_owner.as_deref() == Some("w"));
+        assert_eq!(job.error, None);
+        assert!(held, "the rollback runs under the lease");
+        wait_for_status(&q, id, JobStatus::Failed, Duration::from_secs(10)).await;
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "a rolling-back job is not provisioned"
+    );
+    let j = q.get(fresh).await.unwrap().unwrap();
+    assert_eq!(
+        (j.error.as_deref(), j.failed_step.as_deref()),
+        (Some("quota exceeded"), Some("vm_created"))
+    );
+    let j = q.get(resumed).await.unwrap().unwrap();
+    assert_eq!(
+        (j.error.as_deref(), j.failed_step.as_deref()),
+        (Some("deadline"), Some("vm_running"))
+    );
+    w.stop().await;
 }
 
 struct Panics;
