@@ -231,7 +231,7 @@ async fn chaos_and_drain(
         supervise_for(fleet, lo + (hi - lo).mul_f64(rand::random::<f64>())).await?;
         while (restarts_done as usize) < restart_at.len() && restart_at[restarts_done as usize] <= k
         {
-            let mode = if restarts_done % 2 == 0 {
+            let mode = if restarts_done.is_multiple_of(2) {
                 StopMode::Fast
             } else {
                 StopMode::Immediate
@@ -453,7 +453,7 @@ async fn verify(
         *reasons.entry(key).or_default() += 1;
     }
     let mut failure_reasons: Vec<(String, usize)> = reasons.into_iter().collect();
-    failure_reasons.sort_by(|a, b| b.1.cmp(&a.1));
+    failure_reasons.sort_by_key(|r| std::cmp::Reverse(r.1));
     failure_reasons.truncate(5);
     let api_requests = state
         .requests
