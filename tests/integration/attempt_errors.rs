@@ -1,7 +1,6 @@
 //! Every attempt's error is visible: `last_error` on the job in `provisiond jobs show` and in
 //! `GET /api/jobs/{id}`, and each failed attempt's error in the job's events timeline.
 
-
 use crate::http_support::*;
 use provisiond::db::models::Job;
 use provisiond::queue::{FailOutcome, Failure};

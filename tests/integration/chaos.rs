@@ -1,14 +1,13 @@
 //! The reliability suite's short version, and its stale-write detector proved on its own: two
 //! connections interleaved on purpose, a stale write blocked behind the new owner's transaction.
 
-
+use crate::support::TestDb;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use provisiond::chaos::{ChaosPlan, checks};
 use provisiond::queue::{Fence, NewJob, Queue, QueueError, QueueSettings, StepFields};
 use provisiond::secret::Secret;
 use std::path::Path;
 use std::time::Duration;
-use crate::support::TestDb;
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,5 @@
 //! The status API, the admin API, health, readiness and metrics over a real socket.
 
-
 use crate::http_support::*;
 use provisiond::queue::QueueSettings;
 use reqwest::Method;

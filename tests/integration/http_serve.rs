@@ -3,12 +3,11 @@
 //! SIGTERM. And what a hostile client cannot do to the server: hold it with half-open, slow or
 //! idle connections (header timeout, body deadline, connection cap), even at a low fd limit.
 
-
 use crate::http_support::*;
+use crate::support::TestDb;
 use provisiond::queue::QueueSettings;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use crate::support::TestDb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -6,7 +6,6 @@
 //! promtool is a hard requirement, never a silent skip: CI (`.ci/run`) installs Debian's
 //! `prometheus` package, which ships it.
 
-
 use provisiond::domain::JobStatus;
 use provisiond::metrics;
 use provisiond::queue::{Queue, QueueSettings};
