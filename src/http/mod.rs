@@ -1,4 +1,4 @@
-//! The HTTP surface (DESIGN.md §7): Stripe webhooks, runner callbacks, the status API, the
+//! The HTTP surface: Stripe webhooks, runner callbacks, the status API, the
 //! admin API, health, metrics and the OpenAPI document, served by warp.
 //!
 //! Layout: `routes` (the route table and the one filter), `webhooks` and `api` (handlers, which

@@ -148,7 +148,7 @@ pub fn bearer_matches(authorization: Option<&str>, token: &str) -> bool {
 mod tests {
     use super::*;
 
-    // external-apis.md §C.3, recomputed with `openssl dgst -sha256 -hmac` before use.
+    // Stripe's published test vector, recomputed with `openssl dgst -sha256 -hmac` before use.
     const VECTOR_BODY: &[u8] = br#"{"id":"evt_test_webhook","object":"event"}"#;
     const VECTOR_SIG: &str = "88a022085c6bdb887b02cb26ff76dd681234d9675c0f22844059f55552a8883a";
     const T: i64 = 1_492_774_577;
@@ -190,7 +190,7 @@ mod tests {
 
     #[test]
     fn runner_vector_plain_and_timestamped() {
-        // external-apis.md §C.7, recomputed with openssl.
+        // The runner protocol's example vector (key `runner_secret`), recomputed with openssl.
         let body = br#"{"job_id":"job_123","status":"ok"}"#;
         let sig = "4322529ef6beb3e84b5b520e29ed3684038e1e3c74b4575ca809c97af42ca317";
         let v = |s: &str, ts: Option<&str>, req| {

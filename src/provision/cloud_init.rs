@@ -1,6 +1,6 @@
 //! The user_data every server boots with: join the tailnet, robustly, and leave no key behind.
 //!
-//! First boot is when things go wrong (external-apis.md B.6): the install script races
+//! First boot is when things go wrong: the install script races
 //! unattended-upgrades for the dpkg lock, and `tailscale up` run before `tailscaled` is ready
 //! fails. So the script waits for the locks, retries the install, and retries `tailscale up`.
 //! The auth key appears only here (Hetzner stores user_data): it is single-use, ephemeral, short

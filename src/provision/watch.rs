@@ -1,6 +1,6 @@
 //! Batched polling for every job of the process: one task asks Hetzner about all in-flight
 //! actions (`GET /actions?id=…`, 25 ids a request), another lists the tailnet's tagged devices
-//! once for every job waiting to enroll. Jobs never poll on their own (DESIGN.md §6).
+//! once for every job waiting to enroll. Jobs never poll on their own.
 //!
 //! When to poll: Hetzner reports each running action's `progress`, so the action watcher predicts
 //! when the earliest action will finish and polls just after that, which keeps both the request

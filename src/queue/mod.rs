@@ -1,6 +1,6 @@
 //! The PostgreSQL job queue: enqueue, claim, lease heartbeat, fenced writes, retry, sweep.
 //!
-//! Rules this module keeps (DESIGN.md §4):
+//! Rules this module keeps:
 //! - one statement per operation where possible, and never a transaction held across anything
 //!   but the database;
 //! - claims use `FOR UPDATE SKIP LOCKED`, so any number of daemons can share one database;
