@@ -479,7 +479,7 @@ async fn verify(
         exits: fleet.exits,
         pg_restarts: 0,
         api_requests,
-        faults_injected: state.faults_injected,
+        faults_injected: state.faults_injected(),
         retries: checks::retries(queue.pool()).await?,
         cloud: checks::cloud_findings(&state, &jobs, &instances),
         reap: reap.into(),

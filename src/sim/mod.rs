@@ -319,9 +319,6 @@ pub struct SimState {
     /// The most recent requests (up to 20,000), oldest first.
     pub log: Vec<RequestRecord>,
     pub faults: Faults,
-    /// API requests answered with an injected fault (a `timeout` counts once, when it fires).
-    #[serde(default)]
-    pub faults_injected: u64,
     /// Servers ever created, by name (deleted ones included).
     #[serde(default)]
     pub creates_by_name: BTreeMap<String, u32>,
@@ -335,6 +332,11 @@ pub struct SimState {
 }
 
 impl SimState {
+    /// API requests answered with an injected fault, of every kind (a `timeout` counts once).
+    pub fn faults_injected(&self) -> u64 {
+        self.faults_fired.values().sum()
+    }
+
     /// Requests on a route with any status.
     pub fn count(&self, route: &str) -> u64 {
         self.requests.get(route).map_or(0, |m| m.values().sum())
@@ -354,7 +356,6 @@ impl SimState {
 struct Stats {
     counts: HashMap<&'static str, HashMap<u16, u64>>,
     total: u64,
-    faults_injected: u64,
     log: VecDeque<RequestRecord>,
     rate_limited: Vec<RateLimitedRecord>,
     faults_fired: BTreeMap<String, u64>,
@@ -423,7 +424,6 @@ impl Sim {
             rate_limited: st.rate_limited.clone(),
             log: st.log.iter().cloned().collect(),
             faults,
-            faults_injected: st.faults_injected,
             creates_by_name,
             enrollments_by_hostname,
             faults_fired: st.faults_fired.clone(),
@@ -486,7 +486,6 @@ impl Sim {
         {
             let mut st = lock(&self.stats);
             st.total += 1;
-            st.faults_injected += u64::from(fault.is_some());
             *st.counts
                 .entry(route)
                 .or_default()

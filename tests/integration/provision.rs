@@ -1031,7 +1031,7 @@ async fn forty_jobs_at_20_percent_transient_faults_on_every_endpoint_all_end_run
         .collect();
     let done = run_jobs(&env, p.clone(), &jobs, Duration::from_secs(240)).await;
     let state = env.sim.state();
-    let faulted: u64 = state.faults_fired.values().sum();
+    let faulted = state.faults_injected();
     let total = state.total_requests;
     let failed: Vec<_> = done
         .iter()
