@@ -24,18 +24,41 @@ use std::time::Duration;
 use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
-/// Connects, migrates, and builds the queue. Shared by every subcommand that needs the database.
+/// Connects, migrates, and builds the queue with the database mode resolved. Shared by every
+/// subcommand that needs the database.
+///
+/// A database a newer release migrated is not migrated: this binary is the older one of a
+/// rolling upgrade, and keeps serving with a warning (every migration is additive, so its
+/// statements still work: docs/MIGRATIONS.md). One that lacks migrations this binary needs
+/// while having unknown ones has diverged, and is refused.
 pub async fn open_queue(config: &Config, migrate: bool) -> anyhow::Result<Queue> {
     let url = config.database_url()?;
     let timeout = config.database.connect_timeout;
     if migrate {
-        let applied = db::migrate(url, timeout).await?;
-        if !applied.is_empty() {
-            tracing::info!(migrations = ?applied, "applied migrations");
+        let state = db::schema_state(url, timeout).await?;
+        if state.ahead() {
+            anyhow::ensure!(state.pending.is_empty(), "database {}", state.describe());
+            tracing::warn!(
+                unknown = ?state.unknown,
+                "the database was migrated by a newer provisiond release; running as the older \
+                 release of a rolling upgrade (not migrating). Upgrade this host next."
+            );
+        } else {
+            let applied = db::migrate(url, timeout).await?;
+            if !applied.is_empty() {
+                tracing::info!(migrations = ?applied, "applied migrations");
+            }
         }
     }
     let pool = db::connect(url, config.database.pool_size, timeout).await?;
-    Ok(Queue::new(pool, (&config.queue).into()))
+    let mut settings: crate::queue::QueueSettings = (&config.queue).into();
+    let resolved = {
+        let mut conn = pool.get().await.map_err(db::DbError::from)?;
+        db::mode::resolve(&mut conn, config.database.mode).await?
+    };
+    tracing::debug!(mode = %resolved.mode, reason = %resolved.reason, "database mode");
+    settings.mode = resolved.mode;
+    Ok(Queue::new(pool, settings))
 }
 
 /// The Hetzner and Tailscale clients from config (one of each per process: the Hetzner client
@@ -203,7 +226,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let watchdog = tokio::spawn(watchdog(queue.clone(), shutdown.clone()));
-    tracing::info!("provisiond serving");
+    tracing::info!(database.mode = %queue.settings().mode, "provisiond serving");
     shutdown.cancelled().await;
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

@@ -55,6 +55,8 @@ pub struct DatabaseConfig {
     pub pool_size: u32,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Who owns `agents` and `users` (see [`ModeSetting`]).
+    pub mode: ModeSetting,
 }
 
 impl Default for DatabaseConfig {
@@ -64,8 +66,25 @@ impl Default for DatabaseConfig {
             url_file: None,
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
+            mode: ModeSetting::Auto,
         }
     }
+}
+
+/// `database.mode`: whether `agents` and `users` are the web app's (adopted: the daemon never
+/// inserts them and refuses orders for ones that do not exist) or the daemon's (standalone: it
+/// creates an agent's row on its first order). `auto`, the default, decides from the database:
+/// adopted when a `users` table exists (provisiond never creates one) or the first migration
+/// found `agents` already there. Why a default that looks: both deployments then work without
+/// a setting, and the wrong guess cannot happen silently (an explicit `standalone` on the web
+/// app's database is refused at startup). `provisiond check-config` prints the mode in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeSetting {
+    #[default]
+    Auto,
+    Adopted,
+    Standalone,
 }
 
 #[derive(Debug, Clone, Deserialize)]

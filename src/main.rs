@@ -27,8 +27,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply pending database migrations.
-    Migrate,
+    /// Apply pending database migrations (all in one transaction, after a preflight). Adopts the
+    /// web app's tables when they exist; refuses, changing nothing, when rows would violate a
+    /// new constraint or a newer release migrated the database.
+    Migrate {
+        /// Print what would be added, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Give up (changing nothing) when a table lock is not granted within this long.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        lock_timeout: std::time::Duration,
+    },
     /// Run the daemon: migrations, worker, scheduled sweep.
     Serve,
     /// Enqueue a provisioning job and print it as JSON (an existing job for the same key is
@@ -158,13 +167,23 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
     }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Migrate => {
+        Command::Migrate {
+            dry_run,
+            lock_timeout,
+        } => {
             let url = config.database_url()?;
-            let applied = provisiond::db::migrate(url, config.database.connect_timeout).await?;
-            if applied.is_empty() {
-                w!(out, "migrations: up to date");
-            } else {
-                w!(out, "applied migrations: {}", applied.join(", "));
+            let opts = provisiond::db::MigrateOptions {
+                dry_run,
+                lock_timeout,
+            };
+            match provisiond::db::migrate_with(url, config.database.connect_timeout, opts).await? {
+                provisiond::db::Outcome::Planned(plan) => w!(out, "{plan}"),
+                provisiond::db::Outcome::Applied(applied) if applied.is_empty() => {
+                    w!(out, "migrations: up to date")
+                }
+                provisiond::db::Outcome::Applied(applied) => {
+                    w!(out, "applied migrations: {}", applied.join(", "))
+                }
             }
         }
         Command::Serve => app::serve(config, app::shutdown_on_signals()).await?,
@@ -334,17 +353,12 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             );
             w!(out, "  regions: {}", config.regions.names().join(", "));
             let url = config.database_url()?;
-            let pending =
-                provisiond::db::pending_migrations(url, config.database.connect_timeout).await?;
-            w!(
-                out,
-                "database: reachable; migrations {}",
-                if pending {
-                    "pending (run `provisiond migrate`)"
-                } else {
-                    "up to date"
-                }
-            );
+            let timeout = config.database.connect_timeout;
+            let state = provisiond::db::schema_state(url, timeout).await?;
+            w!(out, "database: reachable; migrations {}", state.describe());
+            let mut conn = provisiond::db::establish(url, timeout).await?;
+            let mode = provisiond::db::mode::resolve(&mut conn, config.database.mode).await?;
+            w!(out, "  mode: {} ({})", mode.mode, mode.reason);
             if config.worker.enabled && config.worker.handler == HandlerKind::Provision {
                 // What `serve` checks before it says READY, so that a wrong credential is found
                 // here rather than by the first job.

@@ -4,8 +4,15 @@
 //! linked anywhere, migrations included. Nothing here holds a transaction across an await on
 //! anything but the database itself.
 
+pub mod catalog;
+pub mod migrate;
+pub mod mode;
 pub mod models;
+pub mod preflight;
 pub mod schema;
+
+pub use migrate::{MigrateOptions, Outcome, Plan, SchemaState};
+pub use mode::DatabaseMode;
 
 use crate::secret::Secret;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
@@ -14,7 +21,7 @@ use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::pooled_connection::bb8;
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
-use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use futures::FutureExt;
 use std::time::Duration;
 
@@ -33,6 +40,13 @@ pub enum DbError {
     Query(#[from] DieselError),
     #[error("migration failed: {0}")]
     Migration(String),
+    /// The preflight found a schema that does not fit or rows that would violate a new
+    /// constraint; nothing was changed. The report names them.
+    #[error("migrate {0}")]
+    Refused(preflight::Report),
+    /// A newer release migrated this database; this binary must not migrate it.
+    #[error("refusing to migrate: the database is {0}")]
+    SchemaAhead(String),
 }
 
 impl From<bb8::RunError> for DbError {
@@ -125,45 +139,53 @@ pub async fn connect(url: &Secret, size: u32, timeout: Duration) -> Result<Pool,
         .map_err(|e| DbError::Connect(e.to_string()))
 }
 
-/// Applies pending migrations; returns the versions applied.
+/// Applies pending migrations (one transaction, after the preflight); returns the versions
+/// applied. Refuses when a newer release migrated the database.
 pub async fn migrate(url: &Secret, timeout: Duration) -> Result<Vec<String>, DbError> {
-    let conn = establish(url, timeout).await?;
-    run_blocking_harness(conn, |h| {
-        h.run_pending_migrations(MIGRATIONS)
-            .map(|v| v.iter().map(ToString::to_string).collect())
-    })
-    .await
+    match migrate_with(url, timeout, MigrateOptions::default()).await? {
+        Outcome::Applied(v) => Ok(v),
+        Outcome::Planned(_) => unreachable!("not a dry run"),
+    }
 }
 
-/// Reverts every migration (used by tests to prove the down migrations work).
+/// [`migrate`] with options: a dry run returns the plan and changes nothing.
+pub async fn migrate_with(
+    url: &Secret,
+    timeout: Duration,
+    opts: MigrateOptions,
+) -> Result<Outcome, DbError> {
+    let conn = establish(url, timeout).await?;
+    run_blocking_harness(conn, move |h| migrate::run(h, &opts)).await
+}
+
+/// Reverts every migration in one transaction (used by tests to prove the down migrations
+/// work); refused on a database whose seed tables the web app made.
 pub async fn revert_all(url: &Secret, timeout: Duration) -> Result<Vec<String>, DbError> {
     let conn = establish(url, timeout).await?;
-    run_blocking_harness(conn, |h| {
-        h.revert_all_migrations(MIGRATIONS)
-            .map(|v| v.iter().map(ToString::to_string).collect())
-    })
-    .await
+    run_blocking_harness(conn, migrate::revert_all).await
 }
 
-/// Whether migrations are pending (readiness reports this).
-pub async fn pending_migrations(url: &Secret, timeout: Duration) -> Result<bool, DbError> {
+/// Where the database stands against this binary's migrations. Read-only.
+pub async fn schema_state(url: &Secret, timeout: Duration) -> Result<SchemaState, DbError> {
     let conn = establish(url, timeout).await?;
-    run_blocking_harness(conn, |h| h.has_pending_migration(MIGRATIONS)).await
+    run_blocking_harness(conn, migrate::schema_state).await
 }
 
-type Harness = AsyncConnectionWrapper<AsyncPgConnection>;
+/// Whether migrations of this binary are pending (readiness reports this). A database a newer
+/// release migrated has none pending: an older daemon keeps serving during a rolling upgrade.
+pub async fn pending_migrations(url: &Secret, timeout: Duration) -> Result<bool, DbError> {
+    Ok(!schema_state(url, timeout).await?.pending.is_empty())
+}
 
 async fn run_blocking_harness<T: Send + 'static>(
     conn: AsyncPgConnection,
-    f: impl FnOnce(&mut Harness) -> Result<T, Box<dyn std::error::Error + Send + Sync + 'static>>
-    + Send
-    + 'static,
+    f: impl FnOnce(&mut migrate::Harness) -> Result<T, DbError> + Send + 'static,
 ) -> Result<T, DbError> {
     // diesel_migrations is synchronous; the wrapper blocks on the async connection, which must
     // happen off the async worker threads.
     tokio::task::spawn_blocking(move || {
-        let mut harness: Harness = AsyncConnectionWrapper::from(conn);
-        f(&mut harness).map_err(|e| DbError::Migration(e.to_string()))
+        let mut harness: migrate::Harness = AsyncConnectionWrapper::from(conn);
+        f(&mut harness)
     })
     .await
     .map_err(|e| DbError::Migration(format!("migration task failed: {e}")))?

@@ -59,6 +59,8 @@ pub struct Job {
     pub rollback_step: Option<String>,
     /// How often the sweep requeued the rollback after its holder died (bounded).
     pub rollback_resumes: i32,
+    /// When an operator cancelled the job (it is then `failed`); NULL otherwise.
+    pub cancelled_at: Option<DateTime<Utc>>,
 }
 
 impl Job {

@@ -63,6 +63,7 @@ diesel::table! {
         rollback_error -> Nullable<Text>,
         rollback_step -> Nullable<Text>,
         rollback_resumes -> Int4,
+        cancelled_at -> Nullable<Timestamptz>,
     }
 }
 

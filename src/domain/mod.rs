@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// The seed's `job_status` enum, plus `cancelled`.
+/// The seed's `job_status` enum, plus `cancelled`: read only. Daemons before 2026-12 wrote it;
+/// a cancellation is now `failed` with `cancelled_at` (the web app knows the seed's four words
+/// only, and an adopted database's enum has no `cancelled`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {

@@ -21,6 +21,10 @@ pub enum ApiError {
     MethodNotAllowed { allow: String },
     #[error("{0}")]
     Conflict(String),
+    /// Well-formed, but it names something that does not exist (an adopted database's agent or
+    /// user): retrying the same request cannot succeed.
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(usize),
     /// The body did not arrive within `http.body_read_timeout`; the connection is closed.
@@ -41,6 +45,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unready(_) | ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -58,6 +63,9 @@ impl From<QueueError> for ApiError {
             QueueError::NotFound(_) => ApiError::NotFound("Job not found".into()),
             QueueError::IllegalTransition { .. } | QueueError::AgentOfAnotherUser { .. } => {
                 ApiError::Conflict(e.to_string())
+            }
+            QueueError::UnknownAgent { .. } | QueueError::UnknownUser { .. } => {
+                ApiError::Unprocessable(e.to_string())
             }
             // A lease error cannot come from the HTTP paths (they write unfenced or as external).
             QueueError::LeaseLost(_) => ApiError::Conflict(e.to_string()),

@@ -112,11 +112,24 @@ pub async fn stripe(state: &HttpState, req: Request) -> Result<Response, ApiErro
                 Some("this purchase is already enqueued".into()),
                 Some(job.id),
             ),
-            Err(QueueError::AgentOfAnotherUser { .. }) => record(
-                "not_actionable",
-                Some("metadata.agent_id belongs to another user".into()),
-                None,
-            ),
+            // Refused orders are acknowledged (2xx) and kept with their reason: Stripe would
+            // retry a non-2xx for days, and the agent would still not exist; the paid order stays
+            // visible in stripe_events for an operator, who can enqueue it once it is fixed.
+            Err(e @ (QueueError::AgentOfAnotherUser { .. }
+            | QueueError::UnknownAgent { .. }
+            | QueueError::UnknownUser { .. })) => {
+                let reason = match e {
+                    QueueError::AgentOfAnotherUser { .. } => {
+                        "metadata.agent_id belongs to another user".to_owned()
+                    }
+                    QueueError::UnknownAgent { agent } => {
+                        format!("metadata.agent_id {agent} does not exist")
+                    }
+                    _ => format!("metadata.user_id {} does not exist", job.user_id),
+                };
+                tracing::warn!(event.id = %event.id, reason = %reason, "paid order refused");
+                record("not_actionable", Some(reason), None)
+            }
             Err(e) => return Err(e.into()),
         },
     };

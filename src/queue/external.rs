@@ -93,13 +93,18 @@ SET run_after = now(), updated_at = now(),
     error = CASE WHEN status = 'failed' THEN NULL ELSE error END,
     failed_step = CASE WHEN status = 'failed' THEN NULL ELSE failed_step END,
     completed_at = CASE WHEN status = 'failed' THEN NULL ELSE completed_at END,
+    cancelled_at = CASE WHEN status = 'failed' THEN NULL ELSE cancelled_at END,
     executor = CASE WHEN status = 'failed' THEN 'daemon'::job_executor ELSE executor END
 WHERE id = $1 AND status IN ('queued', 'failed')
 RETURNING *";
 
+// A cancelled job is `failed` with `cancelled_at` and an error saying so: the web app's types
+// and progress view know `failed`, not `cancelled` (a label its enum lacks). Older daemons wrote
+// `cancelled`; such rows stay readable.
 const CANCEL_SQL: &str = "\
 UPDATE provisioning_jobs
-SET status = 'cancelled', completed_at = now(), updated_at = now()
+SET status = 'failed', error = 'cancelled by an operator before it started',
+    cancelled_at = now(), completed_at = now(), updated_at = now()
 WHERE id = $1 AND status = 'queued'
 RETURNING *";
 
@@ -221,7 +226,13 @@ impl Queue {
                 .returning(Job::as_returning())
                 .get_result(conn)
                 .await?;
-            super::instances::upsert_instance(conn, &job, "provisioning", Some(&step), None)
+            super::instances::upsert_instance(
+                conn,
+                &job,
+                super::instances::InstanceStatus::Provisioning,
+                Some(&step),
+                None,
+            )
                 .await?;
             diesel::insert_into(job_events::table)
                 .values((
@@ -318,8 +329,8 @@ impl Queue {
         Ok(job)
     }
 
-    /// Cancels a queued job. A provisioning job is refused: only its worker can stop it at a
-    /// checkpoint and roll back what it created.
+    /// Cancels a queued job: it becomes `failed` with `cancelled_at` set. A provisioning job is
+    /// refused: only its worker can stop it at a checkpoint and roll back what it created.
     pub async fn cancel(&self, job_id: Uuid) -> Result<Job, QueueError> {
         self.one_or_why(CANCEL_SQL, job_id, JobStatus::Cancelled)
             .await

@@ -48,8 +48,27 @@ pub struct StepFields {
     pub tailscale_ip: Option<Option<String>>,
 }
 
-/// Instance statuses the seed counts as "this agent's current instance".
-const LIVE_INSTANCE: [&str; 3] = ["pending", "provisioning", "running"];
+/// Instance statuses the seed counts as "this agent's current instance", compared as text: the
+/// web app's column is an enum, and a text parameter cannot be compared with it.
+const LIVE_INSTANCE: &str = "agent_instances.status::text IN ('pending', 'provisioning', 'running')";
+
+/// What the daemon writes to `agent_instances.status`. Written as SQL literals, which PostgreSQL
+/// types from the column: the daemon's own schema has `text` there, the web app's an enum
+/// (seeds 000/004), and a parameter bound as `text` would be refused by the enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum InstanceStatus {
+    Provisioning,
+    Running,
+}
+
+impl InstanceStatus {
+    fn literal(self) -> diesel::expression::SqlLiteral<diesel::sql_types::Text> {
+        diesel::dsl::sql(match self {
+            InstanceStatus::Provisioning => "'provisioning'",
+            InstanceStatus::Running => "'running'",
+        })
+    }
+}
 
 impl Queue {
     /// Marks a `provisioning` job `running` with its VM's metadata: instance upserted, agent
@@ -90,10 +109,11 @@ impl Queue {
                         .await
                         .optional()?
                         .ok_or(QueueError::LeaseLost(job_id))?;
-                upsert_instance(conn, &job, "running", None, Some(&meta)).await?;
+                upsert_instance(conn, &job, InstanceStatus::Running, None, Some(&meta)).await?;
                 diesel::update(agents::table.find(job.agent_id))
                     .set((
-                        agents::status.eq("active"),
+                        // A literal, typed by PostgreSQL from the column (the web app's is an enum).
+                        agents::status.eq(diesel::dsl::sql::<diesel::sql_types::Text>("'active'")),
                         agents::updated_at.eq(diesel::dsl::now),
                     ))
                     .execute(conn)
@@ -145,7 +165,7 @@ impl Queue {
                 .await
                 .optional()?
                 .ok_or(QueueError::LeaseLost(job_id))?;
-            upsert_instance(conn, &job, "provisioning", Some(&step), None).await?;
+            upsert_instance(conn, &job, InstanceStatus::Provisioning, Some(&step), None).await?;
             diesel::insert_into(job_events::table)
                 .values((
                     job_events::job_id.eq(job_id),
@@ -230,7 +250,7 @@ async fn lock_writable(
 pub(super) async fn upsert_instance(
     conn: &mut diesel_async::AsyncPgConnection,
     job: &Job,
-    status: &str,
+    status: InstanceStatus,
     step: Option<&str>,
     meta: Option<&VmMetadata>,
 ) -> Result<(), QueueError> {
@@ -241,7 +261,7 @@ pub(super) async fn upsert_instance(
                 .eq(job.id)
                 .or(agent_instances::job_id
                     .is_null()
-                    .and(agent_instances::status.eq_any(LIVE_INSTANCE))),
+                    .and(diesel::dsl::sql::<Bool>(LIVE_INSTANCE))),
         )
         .order((
             agent_instances::job_id.is_not_null().desc(),
@@ -258,7 +278,7 @@ pub(super) async fn upsert_instance(
             diesel::update(agent_instances::table.find(id))
                 .set((
                     agent_instances::job_id.eq(job.id),
-                    agent_instances::status.eq(status),
+                    agent_instances::status.eq(status.literal()),
                     agent_instances::current_step.eq(step),
                     agent_instances::region.eq(&job.region),
                     agent_instances::updated_at.eq(diesel::dsl::now),
@@ -282,7 +302,7 @@ pub(super) async fn upsert_instance(
                 .values((
                     agent_instances::agent_id.eq(job.agent_id),
                     agent_instances::job_id.eq(job.id),
-                    agent_instances::status.eq(status),
+                    agent_instances::status.eq(status.literal()),
                     agent_instances::current_step.eq(step),
                     agent_instances::region.eq(&job.region),
                     agent_instances::server_id.eq(meta.map(|m| &m.server_id)),

@@ -18,7 +18,7 @@
 
 use crate::db::models::{Job, JobEvent, Lease};
 use crate::db::schema::{job_events, provisioning_jobs};
-use crate::db::{DbError, Pool};
+use crate::db::{DatabaseMode, DbError, Pool};
 use crate::domain::{Executor, JobStatus};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -53,6 +53,12 @@ pub enum QueueError {
     },
     #[error("agent {agent} belongs to another user")]
     AgentOfAnotherUser { agent: Uuid },
+    /// Adopted database: the web app has no such agent (the daemon does not invent one).
+    #[error("agent {agent} does not exist")]
+    UnknownAgent { agent: Uuid },
+    /// Adopted database: the web app has no such user.
+    #[error("user {user} does not exist")]
+    UnknownUser { user: Uuid },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -77,6 +83,8 @@ pub struct QueueSettings {
     pub backoff_cap: Duration,
     pub external_timeout: Duration,
     pub default_max_retries: i32,
+    /// Who owns `agents` and `users` (resolved at startup; see `db::mode`).
+    pub mode: DatabaseMode,
 }
 
 impl From<&crate::config::QueueConfig> for QueueSettings {
@@ -87,6 +95,7 @@ impl From<&crate::config::QueueConfig> for QueueSettings {
             backoff_cap: c.backoff_cap,
             external_timeout: c.external_timeout,
             default_max_retries: c.max_retries,
+            mode: DatabaseMode::Standalone,
         }
     }
 }
@@ -190,6 +199,7 @@ fn millis_i32(d: Duration) -> i32 {
     i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
 }
 
+// Standalone: the daemon's own `agents` table, whose row for a new agent it creates here.
 const ENQUEUE_SQL: &str = "\
 WITH agent AS (
     INSERT INTO agents (id, user_id) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING
@@ -199,6 +209,21 @@ INSERT INTO provisioning_jobs
 VALUES ($1, $2, $3, $4, $5, $6::job_executor, $7)
 ON CONFLICT DO NOTHING
 RETURNING *";
+
+// Adopted: `agents` is the web app's (its `name` is NOT NULL, which PostgreSQL checks before
+// ON CONFLICT, so even a no-op insert of an existing agent fails). The order was checked against
+// it first (`ORDER_CHECK_SQL`); the foreign key still guards a race with a delete.
+const ENQUEUE_ADOPTED_SQL: &str = "\
+INSERT INTO provisioning_jobs
+    (agent_id, user_id, stripe_event_id, business_key, region, executor, max_retries)
+VALUES ($1, $2, $3, $4, $5, $6::job_executor, $7)
+ON CONFLICT DO NOTHING
+RETURNING *";
+
+// Whether the order names an agent of that user, in the web app's tables. `{user}` is the user
+// check, or `true` when there is no `users` table to check against.
+const ORDER_CHECK_SQL: &str = "\
+SELECT (SELECT user_id FROM agents WHERE id = $1) AS agent_user, {user} AS user_exists";
 
 // Candidates are taken oldest first, skipping rows other claimers hold and users who already have
 // a job provisioning. The advisory lock keeps two concurrent claim statements off the same user;
@@ -477,10 +502,17 @@ impl Queue {
     pub async fn enqueue(&self, new: &NewJob) -> Result<Enqueued, QueueError> {
         let mut conn = self.pool.get().await?;
         let max_retries = new.max_retries.unwrap_or(self.settings.default_max_retries);
+        let sql = match self.settings.mode {
+            DatabaseMode::Standalone => ENQUEUE_SQL,
+            DatabaseMode::Adopted { users_table } => {
+                check_order(&mut conn, new, users_table).await?;
+                ENQUEUE_ADOPTED_SQL
+            }
+        };
         // Two rounds at most: if a conflicting insert rolled back between our two statements,
         // the second insert goes through.
         for _ in 0..3 {
-            let inserted: Result<Vec<Job>, DieselError> = diesel::sql_query(ENQUEUE_SQL)
+            let inserted: Result<Vec<Job>, DieselError> = diesel::sql_query(sql)
                 .bind::<diesel::sql_types::Uuid, _>(new.agent_id)
                 .bind::<diesel::sql_types::Uuid, _>(new.user_id)
                 .bind::<Nullable<Text>, _>(new.stripe_event_id.as_deref())
@@ -497,6 +529,10 @@ impl Queue {
                 }
                 Ok(_) => {}
                 Err(DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _)) => {
+                    // Adopted: the agent or user went away since the check; say which.
+                    if let DatabaseMode::Adopted { users_table } = self.settings.mode {
+                        check_order(&mut conn, new, users_table).await?;
+                    }
                     return Err(QueueError::AgentOfAnotherUser {
                         agent: new.agent_id,
                     });
@@ -769,8 +805,19 @@ impl Queue {
             .order(provisioning_jobs::created_at.desc())
             .limit(limit)
             .into_boxed();
-        if let Some(s) = status {
-            q = q.filter(provisioning_jobs::status.eq(crate::db::models::DbJobStatus(s)));
+        match status {
+            // Cancellations are `failed` with `cancelled_at` (older daemons wrote `cancelled`,
+            // a label an adopted enum lacks: compared as text, never bound as the enum).
+            Some(JobStatus::Cancelled) => {
+                q = q.filter(diesel::dsl::sql::<Bool>(
+                    "(provisioning_jobs.cancelled_at IS NOT NULL \
+                     OR provisioning_jobs.status::text = 'cancelled')",
+                ));
+            }
+            Some(s) => {
+                q = q.filter(provisioning_jobs::status.eq(crate::db::models::DbJobStatus(s)));
+            }
+            None => {}
         }
         Ok(q.load(&mut conn).await?)
     }
@@ -801,6 +848,50 @@ impl Queue {
         let mut conn = self.pool.get().await?;
         diesel::sql_query("SELECT 1").execute(&mut conn).await?;
         Ok(())
+    }
+}
+
+#[derive(QueryableByName)]
+struct OrderCheck {
+    #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
+    agent_user: Option<Uuid>,
+    #[diesel(sql_type = Bool)]
+    user_exists: bool,
+}
+
+/// Adopted database: refuses an order whose user or agent the web app does not have, or whose
+/// agent is another user's, before anything is written.
+async fn check_order(
+    conn: &mut crate::db::PooledConn<'_>,
+    new: &NewJob,
+    users_table: bool,
+) -> Result<(), QueueError> {
+    let user = if users_table {
+        "EXISTS (SELECT 1 FROM users WHERE id = $2)"
+    } else {
+        "true"
+    };
+    let found: OrderCheck = diesel::sql_query(ORDER_CHECK_SQL.replace("{user}", user))
+        .bind::<diesel::sql_types::Uuid, _>(new.agent_id)
+        .bind::<diesel::sql_types::Uuid, _>(new.user_id)
+        .get_result(conn)
+        .await?;
+    match found {
+        OrderCheck {
+            user_exists: false, ..
+        } => Err(QueueError::UnknownUser { user: new.user_id }),
+        OrderCheck {
+            agent_user: None, ..
+        } => Err(QueueError::UnknownAgent {
+            agent: new.agent_id,
+        }),
+        OrderCheck {
+            agent_user: Some(owner),
+            ..
+        } if owner != new.user_id => Err(QueueError::AgentOfAnotherUser {
+            agent: new.agent_id,
+        }),
+        OrderCheck { .. } => Ok(()),
     }
 }
 
