@@ -73,8 +73,7 @@ impl SchemaState {
         match (self.pending.is_empty(), self.unknown.is_empty()) {
             (true, true) => "up to date".into(),
             (false, true) => format!(
-                "{} pending (run `provisiond migrate`): {}",
-                self.pending.len(),
+                "pending (run `provisiond migrate`): {}",
                 self.pending.join(", ")
             ),
             (true, false) => format!(

@@ -2,6 +2,7 @@
 //! change relinks one executable). Each module is one former `tests/<name>.rs`; the shared
 //! harness is `support` (a database per test) and `http_support` (a served daemon).
 
+mod adopt;
 mod attempt_errors;
 mod chaos;
 mod cli;

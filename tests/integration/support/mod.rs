@@ -21,6 +21,11 @@ use tokio::sync::OnceCell;
 
 const CLUSTER_PORT: u16 = 55432;
 
+/// The web app's schema as its Drizzle migrations create it.
+pub const WEBAPP_SCHEMA: &str = include_str!("../../fixtures/webapp_schema.sql");
+/// Its rows, in every state (ids listed at the top of the file).
+pub const WEBAPP_ROWS: &str = include_str!("../../fixtures/webapp_rows.sql");
+
 pub struct TestDb {
     pub name: String,
     pub url: Secret,
@@ -85,6 +90,85 @@ impl TestDb {
             .execute(&mut conn)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Runs several statements (a fixture file) in one round trip.
+    pub async fn batch(&self, sql: &str) {
+        use diesel_async::SimpleAsyncConnection;
+        let mut conn = self.conn().await;
+        conn.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("batch: {e}"));
+    }
+
+    /// A new database holding the web app's schema as its Drizzle migrations made it, with its
+    /// rows (tests/fixtures/webapp_*.sql), and no provisiond migration applied.
+    pub async fn web_app() -> TestDb {
+        let db = Self::empty().await;
+        db.batch(WEBAPP_SCHEMA).await;
+        db.batch(WEBAPP_ROWS).await;
+        db
+    }
+
+    /// Text lines of one query (every row's first column as text).
+    pub async fn lines(&self, sql: &str) -> Vec<String> {
+        #[derive(diesel::QueryableByName)]
+        struct L {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            line: String,
+        }
+        let mut conn = self.conn().await;
+        diesel::sql_query(format!("SELECT line::text AS line FROM ({sql}) AS q(line)"))
+            .load::<L>(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .into_iter()
+            .map(|l| l.line)
+            .collect()
+    }
+
+    /// The schema, described one object a line (provisiond's catalog snapshot).
+    pub async fn catalog(&self) -> Vec<String> {
+        #[derive(diesel::QueryableByName)]
+        struct L {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            line: String,
+        }
+        let mut conn = self.conn().await;
+        diesel::sql_query(provisiond::db::catalog::SNAPSHOT_SQL)
+            .load::<L>(&mut conn)
+            .await
+            .expect("catalog snapshot")
+            .into_iter()
+            .map(|l| l.line)
+            .collect()
+    }
+
+    /// A checksum of everything: the catalog of `public` and every row of every table in
+    /// `public` and `drizzle` (the web app's migration log), sequences' positions aside.
+    pub async fn checksum(&self) -> String {
+        let tables = self
+            .lines(
+                "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
+                 WHERE schemaname IN ('public', 'drizzle') ORDER BY 1",
+            )
+            .await;
+        let mut h = Sha256::new();
+        for line in self.catalog().await {
+            h.update(line.as_bytes());
+            h.update(b"\n");
+        }
+        for t in tables {
+            h.update(t.as_bytes());
+            for row in self
+                .lines(&format!("SELECT t::text FROM {t} t ORDER BY 1"))
+                .await
+            {
+                h.update(row.as_bytes());
+                h.update(b"\n");
+            }
+        }
+        hex::encode(h.finalize())
     }
 
     /// A single number from SQL, e.g. `SELECT count(*) FROM ...`.
