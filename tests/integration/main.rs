@@ -29,4 +29,5 @@ mod sim_bench;
 mod sim_enrollment;
 mod sim_openapi;
 mod support;
+mod webapp;
 mod worker;

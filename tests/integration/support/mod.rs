@@ -110,7 +110,7 @@ impl TestDb {
         db
     }
 
-    /// Text lines of one query (every row's first column as text).
+    /// Text lines of one statement returning one column (`SELECT`, or `INSERT … RETURNING`).
     pub async fn lines(&self, sql: &str) -> Vec<String> {
         #[derive(diesel::QueryableByName)]
         struct L {
@@ -118,7 +118,8 @@ impl TestDb {
             line: String,
         }
         let mut conn = self.conn().await;
-        diesel::sql_query(format!("SELECT line::text AS line FROM ({sql}) AS q(line)"))
+        // A CTE, so that `INSERT … RETURNING` works too.
+        diesel::sql_query(format!("WITH q(line) AS ({sql}) SELECT line::text AS line FROM q"))
             .load::<L>(&mut conn)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
