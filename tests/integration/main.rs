@@ -29,5 +29,6 @@ mod sim_bench;
 mod sim_enrollment;
 mod sim_openapi;
 mod support;
+mod upgrade;
 mod webapp;
 mod worker;
