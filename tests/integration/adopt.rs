@@ -555,3 +555,67 @@ async fn check_config_says_which_database_mode_is_in_force() {
     let (ok, text) = run(&fresh, Some("adopted"));
     assert!(ok && text.contains("mode: adopted (database.mode = \"adopted\")"), "{text}");
 }
+
+#[tokio::test]
+async fn refused_orders_are_acknowledged_to_stripe_and_a_4xx_for_the_admin_api() {
+    use crate::http_support::{Server, paid_session_event, settings, stripe_header};
+    let db = TestDb::web_app().await;
+    provisiond::db::migrate(&db.url, T).await.unwrap();
+    let s = Server::over(
+        db,
+        settings(),
+        QueueSettings {
+            mode: DatabaseMode::Adopted { users_table: true },
+            ..QueueSettings::default()
+        },
+    )
+    .await;
+    let before = s.checksum().await;
+    let stranger = Uuid::new_v4();
+
+    // Admin API: 422 with the reason, nothing written.
+    let (code, body) = s
+        .post_json(
+            "/api/jobs",
+            &serde_json::json!({"agent_id": stranger, "user_id": ALICE}),
+        )
+        .await;
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["error"], format!("agent {stranger} does not exist"));
+    let (code, body) = s
+        .post_json(
+            "/api/jobs",
+            &serde_json::json!({"agent_id": ALICE_SECOND, "user_id": stranger}),
+        )
+        .await;
+    assert_eq!((code, body["error"].clone()), (422, serde_json::json!(format!("user {stranger} does not exist"))));
+    let (code, _) = s
+        .post_json(
+            "/api/jobs",
+            &serde_json::json!({"agent_id": ALICE_SECOND, "user_id": DAVE}),
+        )
+        .await;
+    assert_eq!(code, 409, "an agent of another user stays a conflict");
+    assert_eq!(s.checksum().await, before);
+
+    // Stripe: a paid order for an agent the web app does not have is acknowledged (2xx, so that
+    // Stripe does not retry it for days) and kept with its reason for an operator.
+    let event = paid_session_event("evt_unknown_agent", "cs_unknown_agent", stranger, uuid(ALICE));
+    let (code, body) = s.stripe(&event, &stripe_header(&event)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["outcome"], "not_actionable");
+    assert_eq!(
+        s.db.lines("SELECT outcome || ': ' || reason FROM stripe_events WHERE event_id = 'evt_unknown_agent'")
+            .await,
+        [format!("not_actionable: metadata.agent_id {stranger} does not exist")]
+    );
+    assert_eq!(
+        s.db.count("SELECT count(*) FROM provisioning_jobs WHERE business_key = 'cs_unknown_agent'")
+            .await,
+        0
+    );
+    // A paid order for the web app's agent goes through.
+    let event = paid_session_event("evt_known", "cs_known", uuid(ALICE_SECOND), uuid(ALICE));
+    let (code, body) = s.stripe(&event, &stripe_header(&event)).await;
+    assert_eq!((code, body["outcome"].as_str()), (200, Some("enqueued")), "{body}");
+}
