@@ -141,7 +141,10 @@ mod tests {
         assert_eq!(d.added, vec!["column a.y text"]);
         assert_eq!(
             d.changed,
-            vec![("column a.x integer".to_owned(), "column a.x bigint".to_owned())]
+            vec![(
+                "column a.x integer".to_owned(),
+                "column a.x bigint".to_owned()
+            )]
         );
         assert_eq!(d.removed, vec!["column a.gone text"]);
         assert!(Diff::between(&after, &after).is_empty());

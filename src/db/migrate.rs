@@ -104,7 +104,10 @@ pub struct Plan {
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "dry run: nothing was changed (the migrations ran in a transaction that was rolled back).")?;
+        writeln!(
+            f,
+            "dry run: nothing was changed (the migrations ran in a transaction that was rolled back)."
+        )?;
         if self.migrations.is_empty() {
             return writeln!(f, "migrations: up to date; nothing to do");
         }
@@ -279,7 +282,10 @@ pub fn run(conn: &mut Harness, opts: &MigrateOptions) -> Result<Outcome, DbError
         Err(Abort::Planned(plan)) => Ok(Outcome::Planned(plan)),
         Err(Abort::Refused(report)) => Err(DbError::Refused(report)),
         Err(Abort::Failed(e)) => Err(DbError::Migration(explain(&e, opts.lock_timeout))),
-        Err(Abort::Db(e)) => Err(DbError::Migration(explain(&e.to_string(), opts.lock_timeout))),
+        Err(Abort::Db(e)) => Err(DbError::Migration(explain(
+            &e.to_string(),
+            opts.lock_timeout,
+        ))),
     }
 }
 

@@ -10,9 +10,9 @@
 //! migration's version, so that existing rows that violate it are reported by id instead of
 //! failing the DDL with PostgreSQL's one-line message (docs/MIGRATIONS.md).
 
+use diesel::QueryableByName;
 use diesel::RunQueryDsl;
 use diesel::sql_types::{BigInt, Bool, Text};
-use diesel::QueryableByName;
 use std::fmt;
 
 /// The migration that creates (or adopts) the seed's tables.
@@ -85,8 +85,18 @@ const EXPECT: &[Expect] = &[
     col("provisioning_jobs", "error", Kind::Text, false),
     col("provisioning_jobs", "failed_step", Kind::Text, false),
     col("provisioning_jobs", "claimed_at", Kind::Timestamptz, false),
-    col("provisioning_jobs", "last_heartbeat_at", Kind::Timestamptz, false),
-    col("provisioning_jobs", "completed_at", Kind::Timestamptz, false),
+    col(
+        "provisioning_jobs",
+        "last_heartbeat_at",
+        Kind::Timestamptz,
+        false,
+    ),
+    col(
+        "provisioning_jobs",
+        "completed_at",
+        Kind::Timestamptz,
+        false,
+    ),
     col("provisioning_jobs", "created_at", Kind::Timestamptz, true),
     col("provisioning_jobs", "updated_at", Kind::Timestamptz, true),
     col("agent_instances", "id", Kind::Uuid, true),
@@ -113,7 +123,12 @@ const EXPECT_OWN: &[Expect] = &[
     col("provisioning_jobs", "business_key", Kind::Text, false),
     col("provisioning_jobs", "lease_token", Kind::Uuid, false),
     col("provisioning_jobs", "lease_owner", Kind::Text, false),
-    col("provisioning_jobs", "lease_expires_at", Kind::Timestamptz, false),
+    col(
+        "provisioning_jobs",
+        "lease_expires_at",
+        Kind::Timestamptz,
+        false,
+    ),
     col("provisioning_jobs", "last_error", Kind::Text, false),
     col("provisioning_jobs", "current_step", Kind::Text, false),
     col("provisioning_jobs", "tailscale_key_id", Kind::Text, false),
@@ -268,10 +283,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "refused before any change; nothing was changed.")?;
         if !self.conflicts.is_empty() {
-            writeln!(
-                f,
-                "The existing schema does not fit what provisiond needs:"
-            )?;
+            writeln!(f, "The existing schema does not fit what provisiond needs:")?;
             for c in &self.conflicts {
                 writeln!(f, "  - {c}")?;
             }
@@ -372,8 +384,8 @@ fn column(conn: &mut Conn, table: &str, column: &str) -> diesel::QueryResult<Opt
 }
 
 fn fits(kind: Kind, c: &ColumnRow) -> bool {
-    let text = matches!(c.data_type.as_str(), "text")
-        || c.data_type.starts_with("character varying");
+    let text =
+        matches!(c.data_type.as_str(), "text") || c.data_type.starts_with("character varying");
     let labels: Vec<&str> = c.labels.split(',').collect();
     match kind {
         Kind::Uuid => c.data_type == "uuid",
@@ -388,10 +400,9 @@ fn fits(kind: Kind, c: &ColumnRow) -> bool {
 /// The schema checks of adoption: only meaningful while the first migration is pending.
 fn schema_conflicts(conn: &mut Conn) -> diesel::QueryResult<Vec<String>> {
     let mut out = Vec::new();
-    let version: Num = diesel::sql_query(
-        "SELECT current_setting('server_version_num')::bigint AS n",
-    )
-    .get_result(conn)?;
+    let version: Num =
+        diesel::sql_query("SELECT current_setting('server_version_num')::bigint AS n")
+            .get_result(conn)?;
     if version.n < 130_000 {
         out.push(format!(
             "PostgreSQL 13 or later is needed (gen_random_uuid() in core); this server is {}",
@@ -562,18 +573,15 @@ mod tests {
 
     #[test]
     fn every_row_check_names_a_migration_of_this_binary() {
-        let dirs: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let dirs: Vec<String> =
+            std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
         for c in ROW_CHECKS {
             assert!(
-                dirs.iter().any(|d| d
-                    .split('_')
-                    .next()
-                    .unwrap()
-                    .replace('-', "")
-                    == c.migration),
+                dirs.iter()
+                    .any(|d| d.split('_').next().unwrap().replace('-', "") == c.migration),
                 "{} names migration {}, which does not exist",
                 c.guards,
                 c.migration
@@ -595,7 +603,10 @@ mod tests {
         let text = r.to_string();
         assert!(text.contains("nothing was changed"), "{text}");
         assert!(text.contains("12 offending rows"), "{text}");
-        assert!(text.contains("user u has 2 provisioning jobs: a, b"), "{text}");
+        assert!(
+            text.contains("user u has 2 provisioning jobs: a, b"),
+            "{text}"
+        );
         assert!(text.contains("… and 11 more"), "{text}");
     }
 

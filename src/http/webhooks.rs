@@ -115,9 +115,11 @@ pub async fn stripe(state: &HttpState, req: Request) -> Result<Response, ApiErro
             // Refused orders are acknowledged (2xx) and kept with their reason: Stripe would
             // retry a non-2xx for days, and the agent would still not exist; the paid order stays
             // visible in stripe_events for an operator, who can enqueue it once it is fixed.
-            Err(e @ (QueueError::AgentOfAnotherUser { .. }
-            | QueueError::UnknownAgent { .. }
-            | QueueError::UnknownUser { .. })) => {
+            Err(
+                e @ (QueueError::AgentOfAnotherUser { .. }
+                | QueueError::UnknownAgent { .. }
+                | QueueError::UnknownUser { .. }),
+            ) => {
                 let reason = match e {
                     QueueError::AgentOfAnotherUser { .. } => {
                         "metadata.agent_id belongs to another user".to_owned()

@@ -233,7 +233,7 @@ impl Queue {
                 Some(&step),
                 None,
             )
-                .await?;
+            .await?;
             diesel::insert_into(job_events::table)
                 .values((
                     job_events::job_id.eq(job_id),

@@ -50,7 +50,8 @@ pub struct StepFields {
 
 /// Instance statuses the seed counts as "this agent's current instance", compared as text: the
 /// web app's column is an enum, and a text parameter cannot be compared with it.
-const LIVE_INSTANCE: &str = "agent_instances.status::text IN ('pending', 'provisioning', 'running')";
+const LIVE_INSTANCE: &str =
+    "agent_instances.status::text IN ('pending', 'provisioning', 'running')";
 
 /// What the daemon writes to `agent_instances.status`. Written as SQL literals, which PostgreSQL
 /// types from the column: the daemon's own schema has `text` there, the web app's an enum

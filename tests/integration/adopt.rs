@@ -301,7 +301,13 @@ async fn the_daemon_works_on_the_adopted_database() {
     );
     // The status reads and the sweep run on the adopted enums too.
     queue.sweep().await.unwrap();
-    assert!(queue.latest_job_for_agent(uuid(ALICE_RESEARCH)).await.unwrap().is_some());
+    assert!(
+        queue
+            .latest_job_for_agent(uuid(ALICE_RESEARCH))
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert!(
         queue
             .instance_for_agent(uuid(ALICE_RESEARCH), None)
@@ -337,8 +343,15 @@ async fn orders_for_agents_or_users_the_web_app_lacks_are_refused_not_invented()
         .enqueue(&order(ALICE_SECOND, DAVE, "k3"))
         .await
         .unwrap_err();
-    assert!(matches!(err, QueueError::AgentOfAnotherUser { .. }), "{err}");
-    assert_eq!(db.checksum().await, before, "a refused order writes nothing");
+    assert!(
+        matches!(err, QueueError::AgentOfAnotherUser { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        db.checksum().await,
+        before,
+        "a refused order writes nothing"
+    );
 
     // The CLI says why, in one line, and exits non-zero.
     let out = Command::new(env!("CARGO_BIN_EXE_provisiond"))
@@ -385,7 +398,10 @@ async fn a_dry_run_prints_the_plan_and_changes_nothing() {
         "+ trigger provisioning_jobs.provisioning_jobs_other_writer",
         "+ table job_events",
     ] {
-        assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from:\n{text}"
+        );
     }
     assert!(!text.contains("WOULD REMOVE"), "{text}");
     // Nothing of the web app's would change: only additions.
@@ -398,7 +414,11 @@ async fn a_dry_run_prints_the_plan_and_changes_nothing() {
         .args(["migrate", "--dry-run"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("would add"));
     assert_eq!(db.checksum().await, before);
 }
@@ -426,13 +446,24 @@ async fn rows_that_violate_new_constraints_stop_migrate_with_their_ids_and_chang
     for expected in [
         "nothing was changed",
         "provisioning_jobs_one_provisioning_per_user",
-        &format!("user {BOB} has 2 provisioning jobs: b0000000-0000-0000-0000-000000000003, b0000000-0000-0000-0000-0000000000aa"),
+        &format!(
+            "user {BOB} has 2 provisioning jobs: b0000000-0000-0000-0000-000000000003, b0000000-0000-0000-0000-0000000000aa"
+        ),
         "provisioning_jobs_agent_of_user",
-        &format!("job b0000000-0000-0000-0000-0000000000bb: agent {ALICE_RESEARCH} belongs to user {ALICE}, the job names user {BOB}"),
+        &format!(
+            "job b0000000-0000-0000-0000-0000000000bb: agent {ALICE_RESEARCH} belongs to user {ALICE}, the job names user {BOB}"
+        ),
     ] {
-        assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from:\n{text}"
+        );
     }
-    assert_eq!(db.checksum().await, before, "a refused migrate changed something");
+    assert_eq!(
+        db.checksum().await,
+        before,
+        "a refused migrate changed something"
+    );
 
     // The binary: non-zero exit, the report on stderr, still nothing changed.
     let out = Command::new(env!("CARGO_BIN_EXE_provisiond"))
@@ -443,7 +474,10 @@ async fn rows_that_violate_new_constraints_stop_migrate_with_their_ids_and_chang
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("b0000000-0000-0000-0000-0000000000bb"), "{stderr}");
+    assert!(
+        stderr.contains("b0000000-0000-0000-0000-0000000000bb"),
+        "{stderr}"
+    );
     assert_eq!(db.checksum().await, before);
 
     // Fixed by the web app's owners, it goes through.
@@ -462,7 +496,10 @@ async fn a_schema_that_does_not_fit_is_refused_and_nothing_changes() {
     let before = db.checksum().await;
     let err = provisiond::db::migrate(&db.url, T).await.unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("provisioning_jobs.region allows NULL"), "{text}");
+    assert!(
+        text.contains("provisioning_jobs.region allows NULL"),
+        "{text}"
+    );
     assert!(
         text.contains("table job_events exists but provisiond did not create it"),
         "{text}"
@@ -475,7 +512,12 @@ async fn migrating_again_is_a_no_op_and_reverting_an_adopted_database_is_refused
     let db = TestDb::web_app().await;
     provisiond::db::migrate(&db.url, T).await.unwrap();
     let migrated = db.checksum().await;
-    assert!(provisiond::db::migrate(&db.url, T).await.unwrap().is_empty());
+    assert!(
+        provisiond::db::migrate(&db.url, T)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(db.checksum().await, migrated);
 
     let err = provisiond::db::revert_all(&db.url, T).await.unwrap_err();
@@ -483,7 +525,11 @@ async fn migrating_again_is_a_no_op_and_reverting_an_adopted_database_is_refused
         err.to_string().contains("existed before provisiond"),
         "{err}"
     );
-    assert_eq!(db.checksum().await, migrated, "a refused revert reverted something");
+    assert_eq!(
+        db.checksum().await,
+        migrated,
+        "a refused revert reverted something"
+    );
 }
 
 #[tokio::test]
@@ -499,7 +545,11 @@ async fn a_database_a_newer_release_migrated_is_not_migrated_but_served() {
     let state = provisiond::db::schema_state(&db.url, T).await.unwrap();
     assert!(state.ahead() && state.pending.is_empty());
     // Readiness counts nothing pending: an older daemon keeps serving a rolling upgrade.
-    assert!(!provisiond::db::pending_migrations(&db.url, T).await.unwrap());
+    assert!(
+        !provisiond::db::pending_migrations(&db.url, T)
+            .await
+            .unwrap()
+    );
 
     // `serve`'s startup (migrate = true) warns and goes on; `check-config` says so.
     let mut config = provisiond::config::Config::load_with_env(None, Vec::new()).unwrap();
@@ -548,12 +598,21 @@ async fn check_config_says_which_database_mode_is_in_force() {
         "{text}"
     );
     let (ok, text) = run(&fresh, None);
-    assert!(ok && text.contains("mode: standalone (database.mode = \"auto\""), "{text}");
+    assert!(
+        ok && text.contains("mode: standalone (database.mode = \"auto\""),
+        "{text}"
+    );
     let (ok, text) = run(&adopted, Some("standalone"));
-    assert!(!ok, "standalone on the web app's database is refused: {text}");
+    assert!(
+        !ok,
+        "standalone on the web app's database is refused: {text}"
+    );
     assert!(text.contains("belong to the web app"), "{text}");
     let (ok, text) = run(&fresh, Some("adopted"));
-    assert!(ok && text.contains("mode: adopted (database.mode = \"adopted\")"), "{text}");
+    assert!(
+        ok && text.contains("mode: adopted (database.mode = \"adopted\")"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -588,7 +647,13 @@ async fn refused_orders_are_acknowledged_to_stripe_and_a_4xx_for_the_admin_api()
             &serde_json::json!({"agent_id": ALICE_SECOND, "user_id": stranger}),
         )
         .await;
-    assert_eq!((code, body["error"].clone()), (422, serde_json::json!(format!("user {stranger} does not exist"))));
+    assert_eq!(
+        (code, body["error"].clone()),
+        (
+            422,
+            serde_json::json!(format!("user {stranger} does not exist"))
+        )
+    );
     let (code, _) = s
         .post_json(
             "/api/jobs",
@@ -600,7 +665,12 @@ async fn refused_orders_are_acknowledged_to_stripe_and_a_4xx_for_the_admin_api()
 
     // Stripe: a paid order for an agent the web app does not have is acknowledged (2xx, so that
     // Stripe does not retry it for days) and kept with its reason for an operator.
-    let event = paid_session_event("evt_unknown_agent", "cs_unknown_agent", stranger, uuid(ALICE));
+    let event = paid_session_event(
+        "evt_unknown_agent",
+        "cs_unknown_agent",
+        stranger,
+        uuid(ALICE),
+    );
     let (code, body) = s.stripe(&event, &stripe_header(&event)).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["outcome"], "not_actionable");
@@ -610,12 +680,18 @@ async fn refused_orders_are_acknowledged_to_stripe_and_a_4xx_for_the_admin_api()
         [format!("not_actionable: metadata.agent_id {stranger} does not exist")]
     );
     assert_eq!(
-        s.db.count("SELECT count(*) FROM provisioning_jobs WHERE business_key = 'cs_unknown_agent'")
-            .await,
+        s.db.count(
+            "SELECT count(*) FROM provisioning_jobs WHERE business_key = 'cs_unknown_agent'"
+        )
+        .await,
         0
     );
     // A paid order for the web app's agent goes through.
     let event = paid_session_event("evt_known", "cs_known", uuid(ALICE_SECOND), uuid(ALICE));
     let (code, body) = s.stripe(&event, &stripe_header(&event)).await;
-    assert_eq!((code, body["outcome"].as_str()), (200, Some("enqueued")), "{body}");
+    assert_eq!(
+        (code, body["outcome"].as_str()),
+        (200, Some("enqueued")),
+        "{body}"
+    );
 }

@@ -197,22 +197,25 @@ async fn retry_and_cancel_follow_the_state_rules() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     assert_eq!(s.checksum().await, before);
-    // queued → cancelled, then cancelled is terminal
+    // queued → cancelled: `failed` (a word the web app knows) with cancelled_at; terminal, so a
+    // second cancel is refused; an operator retry, as for any failed job, queues it again.
     let c = s.enqueue(Uuid::new_v4(), Uuid::new_v4()).await;
     let (code, job) = call(&s, Method::POST, &format!("/api/jobs/{c}/cancel")).await;
-    assert_eq!((code, job["status"].as_str()), (200, Some("cancelled")));
+    assert_eq!((code, job["status"].as_str()), (200, Some("failed")));
+    assert!(job["cancelled_at"].is_string(), "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("cancelled"),
+        "{job}"
+    );
     assert_eq!(
         call(&s, Method::POST, &format!("/api/jobs/{c}/cancel"))
             .await
             .0,
         409
     );
-    assert_eq!(
-        call(&s, Method::POST, &format!("/api/jobs/{c}/retry"))
-            .await
-            .0,
-        409
-    );
+    let (code, job) = call(&s, Method::POST, &format!("/api/jobs/{c}/retry")).await;
+    assert_eq!((code, job["status"].as_str()), (200, Some("queued")));
+    assert!(job["cancelled_at"].is_null(), "{job}");
 }
 
 #[tokio::test]

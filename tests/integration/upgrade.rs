@@ -63,8 +63,18 @@ fn previous_release() -> &'static Path {
         if !src.join("Cargo.toml").exists() {
             let tar = target.join("prev-release").join("source.tar");
             std::fs::create_dir_all(&src).unwrap();
-            let out = git(&["archive", "--format=tar", "-o", tar.to_str().unwrap(), PREVIOUS_RELEASE]);
-            assert!(out.status.success(), "git archive: {}", String::from_utf8_lossy(&out.stderr));
+            let out = git(&[
+                "archive",
+                "--format=tar",
+                "-o",
+                tar.to_str().unwrap(),
+                PREVIOUS_RELEASE,
+            ]);
+            assert!(
+                out.status.success(),
+                "git archive: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let ok = Command::new("tar")
                 .arg("-xf")
                 .arg(&tar)
@@ -133,9 +143,15 @@ async fn the_previous_release_provisions_on_the_fully_migrated_schema() {
         .env("PROVISIOND__WORKER__HANDLER", "provision")
         .env("PROVISIOND__WORKER__POLL_INTERVAL", "200ms")
         .env("PROVISIOND__HTTP__LISTEN", "")
-        .env("PROVISIOND__HETZNER__BASE_URL", sim.hetzner_base_url().as_str())
+        .env(
+            "PROVISIOND__HETZNER__BASE_URL",
+            sim.hetzner_base_url().as_str(),
+        )
         .env("PROVISIOND__HETZNER__TOKEN", sim.hetzner_token().expose())
-        .env("PROVISIOND__TAILSCALE__BASE_URL", sim.tailscale_base_url().as_str())
+        .env(
+            "PROVISIOND__TAILSCALE__BASE_URL",
+            sim.tailscale_base_url().as_str(),
+        )
         .env("PROVISIOND__TAILSCALE__CLIENT_ID", &cfg.tailscale_client_id)
         .env(
             "PROVISIOND__TAILSCALE__CLIENT_SECRET",
@@ -159,7 +175,11 @@ async fn the_previous_release_provisions_on_the_fully_migrated_schema() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let queue = Queue::new(db.pool().await, QueueSettings::default());
     for i in 0..3 {
         queue
@@ -181,12 +201,17 @@ async fn the_previous_release_provisions_on_the_fully_migrated_schema() {
         .await
         < 4
     {
-        assert!(daemon.try_wait().unwrap().is_none(), "the previous release exited");
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "the previous release exited"
+        );
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "the previous release did not provision: {:?}",
-            db.lines("SELECT status::text || ' ' || coalesce(last_error, '') FROM provisioning_jobs")
-                .await
+            db.lines(
+                "SELECT status::text || ' ' || coalesce(last_error, '') FROM provisioning_jobs"
+            )
+            .await
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -213,11 +238,19 @@ async fn a_database_the_previous_release_migrated_upgrades_to_what_a_fresh_one_i
         .arg("migrate")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let applied = provisiond::db::migrate(&old.url, Duration::from_secs(10))
         .await
         .unwrap();
-    assert_eq!(applied, ["20261204000001"], "only this round's migration runs");
+    assert_eq!(
+        applied,
+        ["20261204000001"],
+        "only this round's migration runs"
+    );
     let fresh = TestDb::new().await;
     let (upgraded, fresh) = (old.catalog().await, fresh.catalog().await);
     let only = |a: &[String], b: &[String]| -> Vec<String> {

@@ -53,7 +53,10 @@ fn build_webapp() {
         if !dir.join("node_modules/drizzle-orm").exists() {
             run("npm", &["ci", "--no-audit", "--no-fund"]);
         }
-        run("node", &["node_modules/typescript/bin/tsc", "-p", "tsconfig.json"]);
+        run(
+            "node",
+            &["node_modules/typescript/bin/tsc", "-p", "tsconfig.json"],
+        );
     });
 }
 
@@ -141,9 +144,15 @@ fn serve(db: &TestDb, sim: &provisiond::sim::SimHandle, log: &Path) -> Child {
         .env("PROVISIOND__HTTP__LISTEN", "")
         // The test decides when a stale job is seen (the web app's on-read check, not the sweep).
         .env("PROVISIOND__SWEEP__SCHEDULE", "0 0 0 1 1 *")
-        .env("PROVISIOND__HETZNER__BASE_URL", sim.hetzner_base_url().as_str())
+        .env(
+            "PROVISIOND__HETZNER__BASE_URL",
+            sim.hetzner_base_url().as_str(),
+        )
         .env("PROVISIOND__HETZNER__TOKEN", sim.hetzner_token().expose())
-        .env("PROVISIOND__TAILSCALE__BASE_URL", sim.tailscale_base_url().as_str())
+        .env(
+            "PROVISIOND__TAILSCALE__BASE_URL",
+            sim.tailscale_base_url().as_str(),
+        )
         .env("PROVISIOND__TAILSCALE__CLIENT_ID", &cfg.tailscale_client_id)
         .env(
             "PROVISIOND__TAILSCALE__CLIENT_SECRET",
@@ -168,7 +177,9 @@ async fn wait_for(db: &TestDb, log: &Path, what: &str, sql: &str) {
 }
 
 fn status(job: &Value) -> &str {
-    job["status"].as_str().unwrap_or_else(|| panic!("no status in {job}"))
+    job["status"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no status in {job}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,7 +203,12 @@ async fn the_web_apps_queue_functions_work_next_to_a_serving_daemon() {
     let mut web = WebApp::start(&db);
 
     // The web app reads its own rows as before.
-    let job = web.ok("getJobByAgentId", json!(["a0000000-0000-0000-0000-000000000001"])).await;
+    let job = web
+        .ok(
+            "getJobByAgentId",
+            json!(["a0000000-0000-0000-0000-000000000001"]),
+        )
+        .await;
     assert_eq!(status(&job), "running");
 
     // 1. The web app enqueues a purchase (its own insert); the daemon provisions it.
@@ -223,12 +239,19 @@ async fn the_web_apps_queue_functions_work_next_to_a_serving_daemon() {
         &db,
         &log,
         "the daemon to provision the web app's job",
-        &format!("SELECT count(*) FROM provisioning_jobs WHERE id = '{dave_job}' AND status = 'running'"),
+        &format!(
+            "SELECT count(*) FROM provisioning_jobs WHERE id = '{dave_job}' AND status = 'running'"
+        ),
     )
     .await;
     let job = web.ok("getJobByAgentId", json!([dave_agent])).await;
     assert_eq!(status(&job), "running");
-    assert!(!web.ok("checkJobTimeout", json!([dave_job])).await.as_bool().unwrap());
+    assert!(
+        !web.ok("checkJobTimeout", json!([dave_job]))
+            .await
+            .as_bool()
+            .unwrap()
+    );
     assert_eq!(
         db.lines(&format!(
             "SELECT a.status::text || ' ' || i.status::text || ' ' || (i.server_id IS NOT NULL)
@@ -265,14 +288,22 @@ async fn the_web_apps_queue_functions_work_next_to_a_serving_daemon() {
         .await;
     assert_eq!(status(&j), "provisioning");
     web.ok("recordHeartbeat", json!([ALICE_QUEUED_JOB])).await;
-    web.ok("updateProvisioningStep", json!([{"jobId": ALICE_QUEUED_JOB, "step": "vm_created"}]))
-        .await;
+    web.ok(
+        "updateProvisioningStep",
+        json!([{"jobId": ALICE_QUEUED_JOB, "step": "vm_created"}]),
+    )
+    .await;
     web.ok(
         "completeProvisioningWithMetadata",
         json!([{"jobId": ALICE_QUEUED_JOB, "metadata": {"serverId": "42", "serverIp": "203.0.113.42", "tailscaleIp": "100.64.0.42"}}]),
     )
     .await;
-    let j = web.ok("getJobByAgentId", json!(["a0000000-0000-0000-0000-000000000002"])).await;
+    let j = web
+        .ok(
+            "getJobByAgentId",
+            json!(["a0000000-0000-0000-0000-000000000002"]),
+        )
+        .await;
     assert_eq!(status(&j), "running");
     assert_eq!(
         db.count(&format!(
@@ -283,7 +314,12 @@ async fn the_web_apps_queue_functions_work_next_to_a_serving_daemon() {
         "the daemon never claimed the web app's runner job"
     );
     // Carol's runner went silent 20 minutes ago: the web app's on-read check fails it.
-    assert!(web.ok("checkJobTimeout", json!([CAROL_STALE_JOB])).await.as_bool().unwrap());
+    assert!(
+        web.ok("checkJobTimeout", json!([CAROL_STALE_JOB]))
+            .await
+            .as_bool()
+            .unwrap()
+    );
 
     // 4. Every daemon down for 15 minutes while one holds a job: the web app's on-read
     //    checkJobTimeout fails the job (it used to fail on lease_only_while_provisioning).
@@ -314,8 +350,11 @@ async fn the_web_apps_queue_functions_work_next_to_a_serving_daemon() {
     )
     .await;
     // The web app's step callback and heartbeat on a daemon-held job: harmless.
-    web.ok("updateProvisioningStep", json!([{"jobId": eve_job, "step": "vm_created"}]))
-        .await;
+    web.ok(
+        "updateProvisioningStep",
+        json!([{"jobId": eve_job, "step": "vm_created"}]),
+    )
+    .await;
     web.ok("recordHeartbeat", json!([eve_job])).await;
     daemon.kill().unwrap();
     daemon.wait().unwrap();
@@ -325,12 +364,20 @@ async fn the_web_apps_queue_functions_work_next_to_a_serving_daemon() {
     ))
     .await;
     assert!(
-        web.ok("checkJobTimeout", json!([eve_job])).await.as_bool().unwrap(),
+        web.ok("checkJobTimeout", json!([eve_job]))
+            .await
+            .as_bool()
+            .unwrap(),
         "the web app fails the stale job"
     );
     let j = web.ok("getJobByAgentId", json!([eve_agent])).await;
     assert_eq!(status(&j), "failed");
-    assert!(j["error"].as_str().unwrap().starts_with("Timeout: No heartbeat for"));
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Timeout: No heartbeat for")
+    );
     assert_eq!(
         db.count(&format!(
             "SELECT count(*) FROM provisioning_jobs WHERE id = '{eve_job}' AND lease_token IS NULL AND lease_owner IS NULL"
@@ -365,8 +412,10 @@ async fn the_web_apps_queue_functions_work_next_to_a_serving_daemon() {
     )
     .await;
     assert_eq!(
-        db.lines(&format!("SELECT executor::text FROM provisioning_jobs WHERE id = '{frank_job}'"))
-            .await,
+        db.lines(&format!(
+            "SELECT executor::text FROM provisioning_jobs WHERE id = '{frank_job}'"
+        ))
+        .await,
         ["external"]
     );
     let mut daemon = serve(&db, &sim, &log);
@@ -415,7 +464,10 @@ async fn the_web_apps_queue_functions_work_next_to_a_serving_daemon() {
             .await,
         0
     );
-    assert!(daemon.try_wait().unwrap().is_none(), "the daemon kept serving");
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "the daemon kept serving"
+    );
     Command::new("kill")
         .args(["-TERM", &daemon.id().to_string()])
         .status()

@@ -119,13 +119,15 @@ impl TestDb {
         }
         let mut conn = self.conn().await;
         // A CTE, so that `INSERT … RETURNING` works too.
-        diesel::sql_query(format!("WITH q(line) AS ({sql}) SELECT line::text AS line FROM q"))
-            .load::<L>(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .into_iter()
-            .map(|l| l.line)
-            .collect()
+        diesel::sql_query(format!(
+            "WITH q(line) AS ({sql}) SELECT line::text AS line FROM q"
+        ))
+        .load::<L>(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .map(|l| l.line)
+        .collect()
     }
 
     /// The schema, described one object a line (provisiond's catalog snapshot).
