@@ -162,9 +162,9 @@ pub enum Outcome {
 /// Why the migration transaction ended without committing.
 enum Abort {
     Db(diesel::result::Error),
-    Refused(Report),
+    Refused(Box<Report>),
     Failed(String),
-    Planned(Plan),
+    Planned(Box<Plan>),
 }
 
 impl From<diesel::result::Error> for Abort {
@@ -252,7 +252,7 @@ pub fn run(conn: &mut Harness, opts: &MigrateOptions) -> Result<Outcome, DbError
         conn.batch_execute(HELPERS)?;
         let report = preflight::check(conn, &state.pending)?;
         if !report.is_empty() {
-            return Err(Abort::Refused(report));
+            return Err(Abort::Refused(Box::new(report)));
         }
         let adopting = if state.applied.is_empty() {
             preflight::adopting(conn)?
@@ -268,19 +268,19 @@ pub fn run(conn: &mut Harness, opts: &MigrateOptions) -> Result<Outcome, DbError
             .collect();
         if opts.dry_run {
             let after = snapshot(conn)?;
-            return Err(Abort::Planned(Plan {
+            return Err(Abort::Planned(Box::new(Plan {
                 migrations: names.clone(),
                 adopting,
                 diff: Diff::between(&before, &after),
                 lock_timeout: opts.lock_timeout,
-            }));
+            })));
         }
         Ok(applied)
     });
     match result {
         Ok(applied) => Ok(Outcome::Applied(applied)),
-        Err(Abort::Planned(plan)) => Ok(Outcome::Planned(plan)),
-        Err(Abort::Refused(report)) => Err(DbError::Refused(report)),
+        Err(Abort::Planned(plan)) => Ok(Outcome::Planned(*plan)),
+        Err(Abort::Refused(report)) => Err(DbError::Refused(*report)),
         Err(Abort::Failed(e)) => Err(DbError::Migration(explain(&e, opts.lock_timeout))),
         Err(Abort::Db(e)) => Err(DbError::Migration(explain(
             &e.to_string(),
@@ -318,7 +318,7 @@ pub fn revert_all(conn: &mut Harness) -> Result<Vec<String>, DbError> {
     .map_err(|e| match e {
         Abort::Db(e) => DbError::Migration(e.to_string()),
         Abort::Failed(e) => DbError::Migration(format!("{e} (nothing was reverted)")),
-        Abort::Refused(r) => DbError::Refused(r),
+        Abort::Refused(r) => DbError::Refused(*r),
         Abort::Planned(_) => DbError::Migration("unexpected plan".into()),
     })
 }

@@ -161,6 +161,15 @@ async fn every_documented_code_is_produced() {
     off.stripe_secret = None;
     off.runner_secret = None;
     let dark = Server::with(off, provisiond::queue::QueueSettings::default()).await;
+    // Agents belong to the web app here: an order for one it lacks is a 422.
+    let adopted = Server::with(
+        settings(),
+        provisiond::queue::QueueSettings {
+            mode: provisiond::db::DatabaseMode::Adopted { users_table: false },
+            ..Default::default()
+        },
+    )
+    .await;
     let (agent, user) = (Uuid::new_v4(), Uuid::new_v4());
     let held = s.enqueue(Uuid::new_v4(), Uuid::new_v4()).await;
     s.queue.claim("w", 10).await.unwrap();
@@ -275,6 +284,11 @@ async fn every_documented_code_is_produced() {
             "POST",
             "/api/jobs",
             adm(Method::POST, "/api/jobs").json(&other_user),
+        ),
+        (
+            "POST",
+            "/api/jobs",
+            adopted.admin(Method::POST, "/api/jobs").json(&new_job),
         ),
         (
             "POST",

@@ -545,24 +545,38 @@ async fn running_and_failed_jobs_never_go_back() {
     assert!(q.fail(&lease_of(done), &fatal).await.is_err());
     assert!(q.finish_rollback(&lease_of(failed), "again").await.is_err());
     assert!(q.sweep().await.unwrap() == Default::default());
-    // ...and a writer that bypasses it is refused by the database.
-    let mut conn = db.conn().await;
-    for (id, to) in [
+    // ...a daemon session that bypasses it is refused by the database (PV001)...
+    let mut daemon = db.conn().await;
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query("SET provisiond.defer_notify = on"),
+        &mut daemon,
+    )
+    .await
+    .unwrap();
+    // ...and another writer's late update (the web app's `updateJobStatus` after the end) is
+    // ignored: the statement succeeds, the row stays terminal, the attempt is recorded.
+    let mut other = db.conn().await;
+    let updates = [
         (done, "queued"),
         (done, "failed"),
         (failed, "running"),
         (failed, "provisioning"),
-    ] {
-        let err = diesel_async::RunQueryDsl::execute(
-            diesel::sql_query(format!(
-                "UPDATE provisioning_jobs SET status = '{to}' WHERE id = '{id}'"
-            )),
-            &mut conn,
-        )
-        .await
-        .unwrap_err();
+    ];
+    for (id, to) in updates {
+        let sql = format!("UPDATE provisioning_jobs SET status = '{to}' WHERE id = '{id}'");
+        let err = diesel_async::RunQueryDsl::execute(diesel::sql_query(&sql), &mut daemon)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("cannot become"), "{err}");
+        diesel_async::RunQueryDsl::execute(diesel::sql_query(&sql), &mut other)
+            .await
+            .unwrap();
     }
+    assert_eq!(
+        db.count("SELECT count(*) FROM job_events WHERE message = 'late update ignored'")
+            .await,
+        updates.len() as i64
+    );
     assert_eq!(status_of(&q, done).await, JobStatus::Running);
     assert_eq!(status_of(&q, failed).await, JobStatus::Failed);
     // The one way out of `failed` is a recorded operator retry.
