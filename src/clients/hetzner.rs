@@ -651,6 +651,13 @@ impl HetznerClient {
         }
     }
 
+    /// Paces this client with `budget` instead of its own: shared by every client of the same
+    /// project in this process and, when the budget has a shared store, by every daemon.
+    pub fn with_budget(mut self, budget: Arc<RateBudget>) -> HetznerClient {
+        self.budget = budget;
+        self
+    }
+
     /// The process-wide budget, for metrics (`remaining()`).
     pub fn budget(&self) -> &Arc<RateBudget> {
         &self.budget
@@ -829,13 +836,15 @@ impl HetznerClient {
         let status = resp.status();
         crate::metrics::api_call("hetzner", &endpoint, status.as_str());
         let headers = resp.headers().clone();
-        self.budget.observe(
-            header_u64(&headers, "ratelimit-limit"),
-            header_u64(&headers, "ratelimit-remaining"),
-        );
+        self.budget
+            .observe(
+                header_u64(&headers, "ratelimit-limit"),
+                header_u64(&headers, "ratelimit-remaining"),
+            )
+            .await;
         crate::metrics::rate_limit_remaining("hetzner", self.budget.remaining());
         if status == StatusCode::TOO_MANY_REQUESTS {
-            self.budget.rate_limited();
+            self.budget.rate_limited().await;
         }
         let correlation_id = headers
             .get("x-correlation-id")

@@ -5,6 +5,7 @@
 //! anything but the database itself.
 
 pub mod models;
+pub mod rate_budget;
 pub mod schema;
 
 use crate::secret::Secret;
