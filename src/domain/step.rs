@@ -1,5 +1,11 @@
-//! The web app's five progress steps, derived from a job's status and its last step (seed 004's
+//! Step names: every progress step a job can report (the daemon's and the external runners'),
+//! their order, and their mapping to the web app's five progress steps (seed 004's
 //! `getProvisioningSteps`). Pure; no I/O.
+//!
+//! The daemon checkpoints `key_minted` → `vm_created` → `vm_running` → `network_configured`;
+//! the old runners post `vm_created` → `network_configured` → `ansible_started` →
+//! `ansible_complete` (seeds 001 and 004). Both are stored as text in `current_step`,
+//! `failed_step` and `job_events.step`, which the web app reads, so the names never change.
 //!
 //! Which step name puts the progress where (UI steps: Queued 0, Creating Server 1, Installing
 //! Dependencies 2, Configuring Agent 3, Running 4):
@@ -20,21 +26,85 @@
 //! A queued job has Queued active; a running job has every step completed; a failed or cancelled
 //! job marks the step it stopped at (its `failed_step`, else its last step) as `error`.
 
-use crate::domain::JobStatus;
+use super::job::JobStatus;
 use serde::Serialize;
 
-/// Every step name a job can report, first to last: the daemon's steps and the runners' (seed
-/// 004's `vm_created` → `network_configured` → `ansible_started` → `ansible_complete`) merged
-/// in the order the table above puts them. Progress never moves backwards along it: a runner
+/// A progress step. Declared in the order progress moves (the daemon's and the runners' steps
+/// merged as the table above puts them): progress never moves backwards along it, so a runner
 /// callback naming an earlier step than the job's current one is a replay and changes nothing.
-pub const STEP_ORDER: [&str; 6] = [
-    "key_minted",
-    "vm_created",
-    "vm_running",
-    "network_configured",
-    "ansible_started",
-    "ansible_complete",
-];
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Step {
+    /// The daemon minted the job's single-use Tailscale key (before any server exists).
+    KeyMinted,
+    /// A server exists (runner and daemon).
+    VmCreated,
+    /// The daemon saw the server running.
+    VmRunning,
+    /// The machine joined the tailnet (runner and daemon).
+    NetworkConfigured,
+    /// The runner started configuring the agent.
+    AnsibleStarted,
+    /// The runner finished configuring the agent.
+    AnsibleComplete,
+}
+
+impl Step {
+    /// Every step, first to last.
+    pub const ORDER: [Step; 6] = [
+        Step::KeyMinted,
+        Step::VmCreated,
+        Step::VmRunning,
+        Step::NetworkConfigured,
+        Step::AnsibleStarted,
+        Step::AnsibleComplete,
+    ];
+
+    /// The steps the daemon's step machine checkpoints, in order.
+    pub const DAEMON: [Step; 4] = [
+        Step::KeyMinted,
+        Step::VmCreated,
+        Step::VmRunning,
+        Step::NetworkConfigured,
+    ];
+
+    /// The name stored in the database and sent by runners.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Step::KeyMinted => "key_minted",
+            Step::VmCreated => "vm_created",
+            Step::VmRunning => "vm_running",
+            Step::NetworkConfigured => "network_configured",
+            Step::AnsibleStarted => "ansible_started",
+            Step::AnsibleComplete => "ansible_complete",
+        }
+    }
+
+    /// The step a stored or received name stands for; `None` for any other text.
+    pub fn parse(name: &str) -> Option<Step> {
+        Step::ORDER.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Every name, first to last (what the queue compares a runner's step against).
+    pub fn names() -> [&'static str; 6] {
+        Step::ORDER.map(Step::as_str)
+    }
+
+    /// The index of the UI step that is active while provisioning is at this step.
+    pub fn ui_index(self) -> usize {
+        match self {
+            Step::KeyMinted => 1,
+            Step::VmCreated | Step::VmRunning | Step::NetworkConfigured => 2,
+            Step::AnsibleStarted => 3,
+            Step::AnsibleComplete => 4,
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 const UI_STEPS: [(&str, &str); 5] = [
     ("queued", "Queued"),
@@ -60,14 +130,10 @@ pub struct UiStep {
     pub status: StepState,
 }
 
-/// The index of the active UI step while provisioning is at `step`.
+/// The index of the active UI step while provisioning is at `step` (a stored name; none yet or
+/// an unknown one: Creating Server).
 fn active_index(step: Option<&str>) -> usize {
-    match step {
-        Some("vm_created" | "vm_running" | "network_configured") => 2,
-        Some("ansible_started") => 3,
-        Some("ansible_complete") => 4,
-        _ => 1,
-    }
+    step.and_then(Step::parse).map_or(1, Step::ui_index)
 }
 
 /// The UI steps for a job in `status` whose last step was `step` (`failed_step` for a failed job).
@@ -104,8 +170,47 @@ mod tests {
 
     #[test]
     fn step_order_never_moves_the_ui_backwards() {
-        let ui: Vec<usize> = STEP_ORDER.iter().map(|s| active_index(Some(s))).collect();
+        let ui: Vec<usize> = Step::ORDER.iter().map(|s| s.ui_index()).collect();
         assert!(ui.windows(2).all(|w| w[0] <= w[1]), "{ui:?}");
+        assert!(Step::ORDER.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn names_order_and_ui_steps() {
+        // The names are stored and read by the web app: this table is the contract.
+        let table = [
+            (Step::KeyMinted, "key_minted", 1, true),
+            (Step::VmCreated, "vm_created", 2, true),
+            (Step::VmRunning, "vm_running", 2, true),
+            (Step::NetworkConfigured, "network_configured", 2, true),
+            (Step::AnsibleStarted, "ansible_started", 3, false),
+            (Step::AnsibleComplete, "ansible_complete", 4, false),
+        ];
+        assert_eq!(Step::ORDER.len(), table.len());
+        for (i, (step, name, ui, daemon)) in table.into_iter().enumerate() {
+            assert_eq!(Step::ORDER[i], step);
+            assert_eq!(step.as_str(), name);
+            assert_eq!(step.to_string(), name);
+            assert_eq!(Step::parse(name), Some(step));
+            assert_eq!(Step::names()[i], name);
+            assert_eq!(step.ui_index(), ui, "{name}");
+            assert_eq!(Step::DAEMON.contains(&step), daemon, "{name}");
+        }
+        for other in ["", "VM_CREATED", "checkpoint", "done", "provisioning", "vm_created "] {
+            assert_eq!(Step::parse(other), None, "{other:?}");
+        }
+        // The seed's four runner steps, in the seed's order.
+        let seed = ["vm_created", "network_configured", "ansible_started", "ansible_complete"];
+        let parsed: Vec<Step> = seed.iter().filter_map(|n| Step::parse(n)).collect();
+        assert_eq!(parsed.len(), 4);
+        assert!(parsed.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(UI_STEPS.map(|(_, label)| label), [
+            "Queued",
+            "Creating Server",
+            "Installing Dependencies",
+            "Configuring Agent",
+            "Running"
+        ]);
     }
 
     #[test]

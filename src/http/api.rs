@@ -4,11 +4,10 @@
 //! configured they answer 503 (off), never open. Must not: log the token or a body; write
 //! anything before the request is authenticated and validated.
 
-use super::HttpState;
 use super::error::{ApiError, json};
-use super::routes::Request;
+use super::request::Request;
 use super::signatures::bearer_matches;
-use super::steps;
+use super::state::HttpState;
 use crate::db::models::{AgentInstance, Job};
 use crate::domain::{Executor, JobStatus, valid_business_key, valid_region_name};
 use crate::metrics;
@@ -100,7 +99,7 @@ pub async fn agent_instance(state: &HttpState, req: Request) -> Result<Response,
                 "id": job.id, "status": job.status(), "error": job.error,
                 "failedStep": job.failed_step, "currentStep": job.current_step,
             },
-            "steps": steps::derive(job.status(), step),
+            "steps": crate::domain::ui_steps(job.status(), step),
         }),
     ))
 }

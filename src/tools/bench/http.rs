@@ -5,7 +5,8 @@
 //! The load generator is in-process (reqwest over 127.0.0.1), bounded by request count; no
 //! worker runs, so the figures are the HTTP path alone: verify, parse, write, answer.
 
-use crate::bench::{Scratch, pgbench};
+use super::common::pgbench;
+use crate::tools::scratch::Scratch;
 use crate::config::{HttpConfig, Regions};
 use crate::db;
 use crate::domain::Executor;

@@ -1,15 +1,14 @@
-//! `provisiond bench …`: measurements reported in BENCHMARKS.md. Never run by tests.
-//!
-//! Each benchmark creates a scratch database on the configured server, so it never touches real
-//! jobs, and drops it afterwards. The baseline (`pgbench -N`) runs in that same database in the
-//! same run, so the ratio is comparable across machines.
+//! `provisiond bench queue`: claim + complete throughput and pickup latency of the queue, with a
+//! no-op handler on a scratch database (so it never touches real jobs), against `pgbench -N` in
+//! the same database and run, so the ratio is comparable across machines. Never run by tests;
+//! figures in BENCHMARKS.md.
 
+use super::common::{bench_job, pgbench};
 use crate::db::{self, Pool};
-use crate::domain::Executor;
-use crate::queue::{NewJob, Queue, QueueSettings};
+use crate::queue::{Queue, QueueSettings};
 use crate::secret::Secret;
+use crate::tools::scratch::Scratch;
 use crate::worker::{NoopHandler, Worker, WorkerSettings};
-use anyhow::Context;
 use diesel_async::RunQueryDsl;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,57 +32,6 @@ pub struct QueueBenchArgs {
     /// pgbench clients.
     #[arg(long, default_value_t = 8)]
     pub pgbench_clients: u32,
-}
-
-/// A scratch database on the configured server, dropped when the benchmark or demo ends.
-pub(crate) struct Scratch {
-    admin: Secret,
-    name: String,
-    pub(crate) url: Secret,
-}
-
-impl Scratch {
-    pub(crate) async fn create(server: &Secret) -> anyhow::Result<Scratch> {
-        let name = format!(
-            "provisiond_bench_{}",
-            &Uuid::new_v4().simple().to_string()[..8]
-        );
-        let mut conn = db::establish(server, Duration::from_secs(5)).await?;
-        diesel::sql_query(format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .context("create scratch database")?;
-        let mut url = url::Url::parse(server.expose()).context("database URL")?;
-        url.set_path(&format!("/{name}"));
-        Ok(Scratch {
-            admin: server.clone(),
-            name,
-            url: Secret::new(url.to_string()),
-        })
-    }
-
-    /// Runs `f` on a fresh scratch database and drops it afterwards, whatever `f` returned.
-    pub(crate) async fn with<T, F, Fut>(server: &Secret, f: F) -> anyhow::Result<T>
-    where
-        F: FnOnce(Secret) -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<T>>,
-    {
-        let scratch = Scratch::create(server).await?;
-        let result = f(scratch.url.clone()).await;
-        scratch.drop_now().await;
-        result
-    }
-
-    pub(crate) async fn drop_now(self) {
-        if let Ok(mut conn) = db::establish(&self.admin, Duration::from_secs(5)).await {
-            let _ = diesel::sql_query(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut conn)
-            .await;
-        }
-    }
 }
 
 pub async fn queue(server: &Secret, args: QueueBenchArgs) -> anyhow::Result<String> {
@@ -208,18 +156,6 @@ async fn queue_in(url: &Secret, args: &QueueBenchArgs) -> anyhow::Result<String>
     Ok(report)
 }
 
-fn bench_job() -> NewJob {
-    NewJob {
-        agent_id: Uuid::new_v4(),
-        user_id: Uuid::new_v4(),
-        region: "eu-central".into(),
-        stripe_event_id: None,
-        business_key: None,
-        executor: Executor::Daemon,
-        max_retries: None,
-    }
-}
-
 fn start_workers(
     queue: &Queue,
     url: &Secret,
@@ -299,225 +235,4 @@ async fn pickup_latency(pool: &Pool, ids: &[Uuid]) -> anyhow::Result<(f64, f64, 
     .get_result(&mut conn)
     .await?;
     Ok((l.p50, l.p99, l.max))
-}
-
-/// Runs `pgbench -i` then `pgbench -N` in the database at `url`; returns TPS.
-pub(crate) fn pgbench(url: &Secret, seconds: u32, clients: u32) -> anyhow::Result<f64> {
-    let u = url::Url::parse(url.expose()).context("database URL")?;
-    let db = u.path().trim_start_matches('/').to_owned();
-    let mut base = std::process::Command::new("pgbench");
-    base.env("PGHOST", u.host_str().unwrap_or("127.0.0.1"))
-        .env("PGPORT", u.port().unwrap_or(5432).to_string())
-        .env(
-            "PGUSER",
-            if u.username().is_empty() {
-                "postgres"
-            } else {
-                u.username()
-            },
-        );
-    if let Some(p) = u.password() {
-        base.env("PGPASSWORD", p);
-    }
-    let run = |args: &[&str]| -> anyhow::Result<String> {
-        let mut cmd = std::process::Command::new("pgbench");
-        for (k, v) in base.get_envs() {
-            if let Some(v) = v {
-                cmd.env(k, v);
-            }
-        }
-        let out = cmd
-            .args(args)
-            .arg(&db)
-            .output()
-            .context("run pgbench (install postgresql-contrib or postgresql client)")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "pgbench failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    run(&["-i", "-s", "10", "-q"])?;
-    let out = run(&[
-        "-N",
-        "-c",
-        &clients.to_string(),
-        "-j",
-        "2",
-        "-T",
-        &seconds.to_string(),
-    ])?;
-    out.lines()
-        .find_map(|l| l.strip_prefix("tps = "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .context("could not read TPS from pgbench output")
-}
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct ProvisionBenchArgs {
-    /// Jobs enqueued at once (distinct customers).
-    #[arg(long, default_value_t = 200)]
-    pub jobs: usize,
-    /// Simulated `create_server` action.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub create: Duration,
-    /// Simulated boot, from the end of the create action to `running`.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    pub boot: Duration,
-    /// Simulated enrollment, from `running` to the device in the tailnet.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub enroll: Duration,
-    /// The simulated project's Hetzner limit (requests per hour; the bucket holds as many).
-    #[arg(long, default_value_t = 3600)]
-    pub rate_limit: u32,
-}
-
-/// 200 concurrent jobs through the real step machine against the simulator.
-pub async fn provision(server: &Secret, args: ProvisionBenchArgs) -> anyhow::Result<String> {
-    Scratch::with(server, |url| async move { provision_in(&url, &args).await }).await
-}
-
-async fn provision_in(url: &Secret, args: &ProvisionBenchArgs) -> anyhow::Result<String> {
-    use crate::sim::{LatencyProfile, SimConfig, Simulator};
-
-    db::migrate(url, Duration::from_secs(10)).await?;
-    let pool = db::connect(url, 16, Duration::from_secs(10)).await?;
-    let queue = Queue::new(pool.clone(), QueueSettings::default());
-    let sim = Simulator::start(SimConfig {
-        latency: LatencyProfile {
-            create: args.create,
-            boot: args.boot,
-            enroll: args.enroll,
-            delete: Duration::from_secs(5),
-        },
-        rate_limit_per_hour: args.rate_limit,
-        rate_limit_burst: args.rate_limit,
-        ..SimConfig::default()
-    })
-    .await?;
-    // The daemon's production polling settings.
-    let provisioner = crate::demo::simulated_provisioner(&sim);
-    let stop = CancellationToken::new();
-    let worker = Worker::new(
-        queue.clone(),
-        Arc::new(provisioner),
-        WorkerSettings {
-            owner: "bench".into(),
-            concurrency: args.jobs.max(1),
-            claim_batch: 64,
-            poll_interval: Duration::from_secs(5),
-            heartbeat_interval: Duration::from_secs(15),
-            shutdown_grace: Duration::from_secs(5),
-        },
-        url.clone(),
-    );
-    let worker = tokio::spawn(worker.run(stop.clone()));
-    let regions = ["eu-central", "us-east", "us-west", "ap-southeast"];
-    let mut ids = Vec::with_capacity(args.jobs);
-    let t0 = Instant::now();
-    for i in 0..args.jobs {
-        let mut job = bench_job();
-        job.region = regions[i % regions.len()].into();
-        ids.push(queue.enqueue(&job).await?.job().id);
-    }
-    let mut last_report = Instant::now();
-    loop {
-        let jobs = queue.get_many(&ids).await?;
-        let done = jobs.iter().filter(|j| j.status().is_terminal()).count();
-        if done == ids.len() {
-            break;
-        }
-        if last_report.elapsed() > Duration::from_secs(10) {
-            eprintln!(
-                "{done}/{} jobs done after {:.0} s",
-                ids.len(),
-                t0.elapsed().as_secs_f64()
-            );
-            last_report = Instant::now();
-        }
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(1800),
-            "benchmark stalled at {done} of {}",
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let wall = t0.elapsed();
-    stop.cancel();
-    worker.await?;
-
-    let jobs = queue.get_many(&ids).await?;
-    let running = jobs
-        .iter()
-        .filter(|j| j.status() == crate::domain::JobStatus::Running)
-        .count();
-    let critical = args.create + args.boot + args.enroll;
-    let mut overhead: Vec<f64> = jobs
-        .iter()
-        .filter_map(|j| {
-            j.completed_at
-                .map(|c| (c - j.created_at).as_seconds_f64() - critical.as_secs_f64())
-        })
-        .collect();
-    overhead.sort_by(f64::total_cmp);
-    let pct = |p: f64| overhead[((overhead.len() as f64 - 1.0) * p).round() as usize];
-    let state = sim.state();
-    let count = |prefix: &str| -> u64 {
-        state
-            .requests
-            .iter()
-            .filter(|(route, _)| {
-                route
-                    .split_once(' ')
-                    .is_some_and(|(_, path)| path.starts_with(prefix))
-            })
-            .map(|(_, by_status)| by_status.values().sum::<u64>())
-            .sum()
-    };
-    let (hetzner, tailscale) = (count("/v1/"), count("/api/v2/"));
-    let n = ids.len() as f64;
-    let mut report = String::new();
-    let mut line = |s: String| {
-        eprintln!("{s}");
-        report.push_str(&s);
-        report.push('\n');
-    };
-    line(format!(
-        "| jobs | {} enqueued at once; {running} running, {} failed; all done in {:.1} s |",
-        ids.len(),
-        ids.len() - running,
-        wall.as_secs_f64()
-    ));
-    line(format!(
-        "| simulated critical path per VM | {:.0} s (create {} s + boot {} s + enroll {} s), {} req/h limit |",
-        critical.as_secs_f64(),
-        args.create.as_secs(),
-        args.boot.as_secs(),
-        args.enroll.as_secs(),
-        args.rate_limit
-    ));
-    line(format!(
-        "| Hetzner requests per VM | **{:.2}** ({hetzner} in all) |",
-        hetzner as f64 / n
-    ));
-    line(format!(
-        "| Tailscale requests per VM | {:.2} ({tailscale} in all) |",
-        tailscale as f64 / n
-    ));
-    line(format!(
-        "| 429 responses | **{}** |",
-        state.rate_limited.len()
-    ));
-    if !overhead.is_empty() {
-        line(format!(
-            "| daemon overhead (end-to-end − critical path) | p50 {:.3} s, **p99 {:.3} s**, max {:.3} s |",
-            pct(0.5),
-            pct(0.99),
-            overhead[overhead.len() - 1]
-        ));
-    }
-    sim.shutdown().await;
-    Ok(report)
 }

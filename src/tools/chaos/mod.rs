@@ -15,7 +15,8 @@ mod report;
 
 pub use report::{ChaosReport, Check, ReapSummary};
 
-use crate::bench::Scratch;
+use crate::tools::scratch::Scratch;
+use crate::tools::sim_clients::SimClients;
 use crate::clients::hetzner::HetznerClient;
 use crate::clients::tailscale::TailscaleClient;
 use crate::db;
