@@ -3,7 +3,7 @@
 //! Precedence (last wins): built-in defaults < `--config` file < `PROVISIOND__SECTION__KEY`
 //! environment variables < `DATABASE_URL`. Secrets (`*_file` keys) are read from files so that
 //! systemd credentials (`LoadCredential=`) work; they are held as [`Secret`] and never printed.
-//! `config/provisiond.example.toml` documents every key; `tests/config.rs` keeps it loadable.
+//! `config/provisiond.example.toml` documents every key; `tests/integration/config.rs` keeps it loadable.
 
 use crate::secret::Secret;
 use serde::Deserialize;

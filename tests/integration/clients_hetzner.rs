@@ -11,6 +11,7 @@ use provisiond::sim::{
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
+use provisiond::tools::sim_clients::SimClients;
 
 async fn sim(cfg: SimConfig) -> SimHandle {
     Simulator::start(cfg).await.expect("simulator starts")

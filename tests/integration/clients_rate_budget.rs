@@ -10,6 +10,7 @@ use provisiond::sim::{SimConfig, SimHandle, SimState, Simulator};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use provisiond::tools::sim_clients::SimClients;
 
 /// 10 requests per second refill, at most 5 at once.
 async fn small_budget_sim() -> SimHandle {

@@ -7,6 +7,7 @@ use provisiond::clients::tailscale::{
 use provisiond::secret::Secret;
 use provisiond::sim::{FaultKind, FaultRule, Faults, SimConfig, SimHandle, Simulator};
 use std::time::{Duration, Instant};
+use provisiond::tools::sim_clients::SimClients;
 
 async fn sim(cfg: SimConfig) -> SimHandle {
     Simulator::start(cfg).await.expect("simulator starts")

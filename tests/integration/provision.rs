@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use provisiond::tools::sim_clients::SimClients;
 
 struct Env {
     db: TestDb,

@@ -6,6 +6,7 @@ use provisiond::clients::tailscale::{AuthKey, CreateKey, DeviceFilter, Tailscale
 use provisiond::sim::{Faults, LatencyProfile, SimConfig, SimHandle, Simulator};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use provisiond::tools::sim_clients::SimClients;
 
 const TAG: &str = "tag:customer-vm";
 
