@@ -442,7 +442,11 @@ impl TailscaleClient {
             .send()
             .await
             .map_err(|e| {
-                crate::metrics::api_call("tailscale", endpoint, super::call_metrics::transport_code(&e));
+                crate::metrics::api_call(
+                    "tailscale",
+                    endpoint,
+                    super::call_metrics::transport_code(&e),
+                );
                 transport_error(e, false)
             })?;
         let status = resp.status();
@@ -636,7 +640,10 @@ impl TailscaleClient {
         if method == Method::POST {
             return once().await;
         }
-        let what = format!("tailscale {method} {}", super::call_metrics::endpoint_label(path));
+        let what = format!(
+            "tailscale {method} {}",
+            super::call_metrics::endpoint_label(path)
+        );
         retry(
             &self.retry,
             None,
@@ -670,7 +677,11 @@ impl TailscaleClient {
             }
             let endpoint = super::call_metrics::endpoint_label(path);
             let resp = req.send().await.map_err(|e| {
-                crate::metrics::api_call("tailscale", &endpoint, super::call_metrics::transport_code(&e));
+                crate::metrics::api_call(
+                    "tailscale",
+                    &endpoint,
+                    super::call_metrics::transport_code(&e),
+                );
                 transport_error(e, write)
             })?;
             let status = resp.status();

@@ -7,7 +7,5 @@
 mod job;
 mod step;
 
-pub use job::{
-    Executor, JobStatus, UnknownVariant, valid_business_key, valid_region_name,
-};
+pub use job::{Executor, JobStatus, UnknownVariant, valid_business_key, valid_region_name};
 pub use step::{Step, StepState, UiStep, derive as ui_steps};

@@ -196,21 +196,36 @@ mod tests {
             assert_eq!(step.ui_index(), ui, "{name}");
             assert_eq!(Step::DAEMON.contains(&step), daemon, "{name}");
         }
-        for other in ["", "VM_CREATED", "checkpoint", "done", "provisioning", "vm_created "] {
+        for other in [
+            "",
+            "VM_CREATED",
+            "checkpoint",
+            "done",
+            "provisioning",
+            "vm_created ",
+        ] {
             assert_eq!(Step::parse(other), None, "{other:?}");
         }
         // The seed's four runner steps, in the seed's order.
-        let seed = ["vm_created", "network_configured", "ansible_started", "ansible_complete"];
+        let seed = [
+            "vm_created",
+            "network_configured",
+            "ansible_started",
+            "ansible_complete",
+        ];
         let parsed: Vec<Step> = seed.iter().filter_map(|n| Step::parse(n)).collect();
         assert_eq!(parsed.len(), 4);
         assert!(parsed.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(UI_STEPS.map(|(_, label)| label), [
-            "Queued",
-            "Creating Server",
-            "Installing Dependencies",
-            "Configuring Agent",
-            "Running"
-        ]);
+        assert_eq!(
+            UI_STEPS.map(|(_, label)| label),
+            [
+                "Queued",
+                "Creating Server",
+                "Installing Dependencies",
+                "Configuring Agent",
+                "Running"
+            ]
+        );
     }
 
     #[test]

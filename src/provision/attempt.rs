@@ -123,7 +123,14 @@ impl Attempt<'_> {
         self.job = self
             .ctx
             .queue
-            .checkpoint_step(self.job.id, self.fence(), step.as_str(), &message, data, fields)
+            .checkpoint_step(
+                self.job.id,
+                self.fence(),
+                step.as_str(),
+                &message,
+                data,
+                fields,
+            )
             .await?;
         crate::metrics::step_finished(step.as_str(), self.step_started.elapsed(), true);
         self.step_started = tokio::time::Instant::now();
@@ -145,12 +152,9 @@ impl Attempt<'_> {
         // The key is used up once the device joined, but only a revoked key is certainly
         // useless. Revoking is idempotent, so a resumed attempt simply does it again.
         if let Some(key) = self.job.tailscale_key_id.clone() {
-            self.p
-                .inner
-                .tailscale
-                .revoke_key(&key)
-                .await
-                .map_err(|e| tailscale_stop(Step::NetworkConfigured.as_str(), "revoke the used key", &e))?;
+            self.p.inner.tailscale.revoke_key(&key).await.map_err(|e| {
+                tailscale_stop(Step::NetworkConfigured.as_str(), "revoke the used key", &e)
+            })?;
             self.ctx
                 .queue
                 .record_step(
@@ -182,6 +186,4 @@ impl Attempt<'_> {
         );
         Ok(())
     }
-
-    /// `key_minted` and `vm_created`: adopt the job's server, or mint a key and create it.
 }

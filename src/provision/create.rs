@@ -50,6 +50,7 @@ async fn find_job_server(h: &HetznerClient, job_id: Uuid) -> Result<Option<Serve
 }
 
 impl Attempt<'_> {
+    /// `key_minted` and `vm_created`: adopt the job's server, or mint a key and create it.
     pub(super) async fn server(&mut self) -> Result<(), Stop> {
         let p = self.p;
         let h = &p.inner.hetzner;
@@ -74,7 +75,8 @@ impl Attempt<'_> {
         }
         let key = self.mint_key(resumed).await?;
         p.failpoint("after_key")?;
-        self.checkpoint(Step::KeyMinted,
+        self.checkpoint(
+            Step::KeyMinted,
             format!("minted single-use auth key {}", key.id),
             json!({ "key_id": key.id, "expires": key.expires }),
             StepFields {
@@ -171,7 +173,13 @@ impl Attempt<'_> {
                         tracing::warn!(location, error = %e, "no capacity; trying the next location");
                         no_capacity.push(location.clone());
                     }
-                    _ => return Err(hetzner_stop(Step::VmCreated.as_str(), "create the server", &e)),
+                    _ => {
+                        return Err(hetzner_stop(
+                            Step::VmCreated.as_str(),
+                            "create the server",
+                            &e,
+                        ));
+                    }
                 },
             }
         }
@@ -317,12 +325,10 @@ impl Attempt<'_> {
             .await
             .map_err(|e| tailscale_stop(Step::KeyMinted.as_str(), "list stale devices", &e))?;
         for d in stale {
-            t.delete_device(&d.node_id)
-                .await
-                .map_err(|e| tailscale_stop(Step::KeyMinted.as_str(), "delete a stale device", &e))?;
+            t.delete_device(&d.node_id).await.map_err(|e| {
+                tailscale_stop(Step::KeyMinted.as_str(), "delete a stale device", &e)
+            })?;
         }
         Ok(())
     }
-
-    /// `vm_running`: the create and start actions finished and the server runs; a server left
 }

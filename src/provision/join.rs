@@ -12,6 +12,8 @@ use serde_json::json;
 use std::time::Duration;
 
 impl Attempt<'_> {
+    /// `vm_running`: the create and start actions finished and the server runs; a server left
+    /// `off` is powered on (twice at most).
     pub(super) async fn vm_running(&mut self) -> Result<(), Stop> {
         let p = self.p;
         let h = &p.inner.hetzner;
@@ -42,7 +44,8 @@ impl Attempt<'_> {
                 .map_err(|e| hetzner_stop(Step::VmRunning.as_str(), "get the server", &e))?;
             let Some(server) = server else {
                 // Gone (deleted behind our back): forget it, so the next attempt creates anew.
-                self.checkpoint(Step::KeyMinted,
+                self.checkpoint(
+                    Step::KeyMinted,
                     format!("server {id} disappeared"),
                     json!({ "server_id": id }),
                     StepFields {
@@ -80,10 +83,9 @@ impl Attempt<'_> {
                 ServerStatus::Off if power_ons < 2 => {
                     power_ons += 1;
                     tracing::warn!(server.id = id, "server is off; powering it on");
-                    let action = h
-                        .power_on(id)
-                        .await
-                        .map_err(|e| hetzner_stop(Step::VmRunning.as_str(), "power the server on", &e))?;
+                    let action = h.power_on(id).await.map_err(|e| {
+                        hetzner_stop(Step::VmRunning.as_str(), "power the server on", &e)
+                    })?;
                     pending = vec![action.id];
                 }
                 ServerStatus::Off => {
@@ -97,8 +99,11 @@ impl Attempt<'_> {
                 }
                 ServerStatus::Initializing | ServerStatus::Starting => {
                     pending = Vec::new();
-                    self.wait(Step::VmRunning.as_str(), tokio::time::sleep(Duration::from_secs(1)))
-                        .await?;
+                    self.wait(
+                        Step::VmRunning.as_str(),
+                        tokio::time::sleep(Duration::from_secs(1)),
+                    )
+                    .await?;
                 }
                 other => {
                     return Err(Stop::Retry {
@@ -122,7 +127,8 @@ impl Attempt<'_> {
             )
             .await?;
         let ip = device.ipv4_100().map(|a| a.to_string());
-        self.checkpoint(Step::NetworkConfigured,
+        self.checkpoint(
+            Step::NetworkConfigured,
             format!(
                 "{name} joined the tailnet as {}",
                 ip.as_deref().unwrap_or("?")

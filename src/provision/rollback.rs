@@ -2,9 +2,9 @@
 //! its keys are deleted, each delete preceded by a lease check. Runs only after the fenced
 //! write that decided it. Must not: touch anything once the lease is lost.
 
+use super::keys::revoke_job_keys;
 use super::lease_guard::LeaseGuard;
 use super::naming::{job_selector, key_description, server_name};
-use super::keys::revoke_job_keys;
 use super::provisioner::Provisioner;
 use super::retry::retry_until;
 use crate::clients::hetzner::ServerQuery;
@@ -18,7 +18,7 @@ impl Provisioner {
     /// renews it), so that a worker whose job was taken over stops before touching anything the
     /// new owner may use. Deletes are retried through 429s and 5xx for `rollback_timeout`; what
     /// is left after that is the reaper's. Idempotent: a resumed rollback does it all again.
-    async fn roll_back(&self, ctx: JobContext) -> RollbackOutcome {
+    pub(super) async fn roll_back(&self, ctx: JobContext) -> RollbackOutcome {
         let guard = LeaseGuard { p: self, ctx: &ctx };
         match self.rollback_all(&ctx.job, &guard).await {
             Ok(complete) => RollbackOutcome::Done { complete },

@@ -2,13 +2,9 @@
 //! database, the built-in simulator standing in for Hetzner and Tailscale, a worker with the
 //! real step machine — printing each job's steps as they happen.
 
-use crate::clients::hetzner::HetznerClient;
-use crate::clients::tailscale::TailscaleClient;
-use crate::config::Regions;
 use crate::db;
 use crate::domain::Executor;
-use crate::provision::watch::WatchSettings;
-use crate::provision::{ProvisionSettings, Provisioner, server_name};
+use crate::provision::server_name;
 use crate::queue::{NewJob, Queue, QueueSettings};
 use crate::secret::Secret;
 use crate::sim::{LatencyProfile, SimConfig, Simulator};

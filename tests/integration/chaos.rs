@@ -3,9 +3,9 @@
 
 use crate::support::TestDb;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use provisiond::tools::chaos::{ChaosPlan, checks};
 use provisiond::queue::{Fence, NewJob, Queue, QueueError, QueueSettings, StepFields};
 use provisiond::secret::Secret;
+use provisiond::tools::chaos::{ChaosPlan, checks};
 use std::path::Path;
 use std::time::Duration;
 use uuid::Uuid;

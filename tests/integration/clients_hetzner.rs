@@ -9,9 +9,9 @@ use provisiond::secret::Secret;
 use provisiond::sim::{
     FaultKind, FaultRule, Faults, LatencyProfile, SimConfig, SimHandle, Simulator,
 };
+use provisiond::tools::sim_clients::SimClients;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use provisiond::tools::sim_clients::SimClients;
 
 async fn sim(cfg: SimConfig) -> SimHandle {
     Simulator::start(cfg).await.expect("simulator starts")

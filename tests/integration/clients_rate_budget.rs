@@ -7,10 +7,10 @@ use provisiond::clients::hetzner::{CreateServerRequest, HetznerClient};
 use provisiond::clients::rate_budget::RateBudget;
 use provisiond::secret::Secret;
 use provisiond::sim::{SimConfig, SimHandle, SimState, Simulator};
+use provisiond::tools::sim_clients::SimClients;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use provisiond::tools::sim_clients::SimClients;
 
 /// 10 requests per second refill, at most 5 at once.
 async fn small_budget_sim() -> SimHandle {

@@ -6,8 +6,8 @@ use provisiond::clients::tailscale::{
 };
 use provisiond::secret::Secret;
 use provisiond::sim::{FaultKind, FaultRule, Faults, SimConfig, SimHandle, Simulator};
-use std::time::{Duration, Instant};
 use provisiond::tools::sim_clients::SimClients;
+use std::time::{Duration, Instant};
 
 async fn sim(cfg: SimConfig) -> SimHandle {
     Simulator::start(cfg).await.expect("simulator starts")

@@ -93,7 +93,10 @@ async fn query_values_are_parsed_by_their_field() {
     let (code, body) = call(&s, Method::GET, "/api/jobs?status=1").await;
     assert_eq!(code, 400, "{body}");
     let error = body["error"].as_str().unwrap();
-    assert!(error.contains("job status") && error.contains("\"1\""), "{error}");
+    assert!(
+        error.contains("job status") && error.contains("\"1\""),
+        "{error}"
+    );
     let (code, body) = call(&s, Method::GET, "/api/jobs?limit=1e3").await;
     assert_eq!(code, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("limit"), "{body}");

@@ -12,19 +12,18 @@ use tokio_util::sync::CancellationToken;
 /// A daemon's config pointed at `db` and `sim`, provisioning enabled, HTTP on `listen`.
 fn config(db: &TestDb, sim: &SimHandle, listen: &str) -> Config {
     let cfg = sim.config();
+    let (hetzner, token, tailscale) = (
+        sim.hetzner_base_url(),
+        sim.hetzner_token(),
+        sim.tailscale_base_url(),
+    );
     let env = [
         ("DATABASE_URL", db.url.expose()),
         ("PROVISIOND__HTTP__LISTEN", listen),
         ("PROVISIOND__WORKER__POLL_INTERVAL", "200ms"),
-        (
-            "PROVISIOND__HETZNER__BASE_URL",
-            sim.hetzner_base_url().as_str(),
-        ),
-        ("PROVISIOND__HETZNER__TOKEN", sim.hetzner_token().expose()),
-        (
-            "PROVISIOND__TAILSCALE__BASE_URL",
-            sim.tailscale_base_url().as_str(),
-        ),
+        ("PROVISIOND__HETZNER__BASE_URL", hetzner.as_str()),
+        ("PROVISIOND__HETZNER__TOKEN", token.expose()),
+        ("PROVISIOND__TAILSCALE__BASE_URL", tailscale.as_str()),
         ("PROVISIOND__TAILSCALE__CLIENT_ID", &cfg.tailscale_client_id),
         (
             "PROVISIOND__TAILSCALE__CLIENT_SECRET",

@@ -4,9 +4,9 @@
 use provisiond::clients::hetzner::{CreateServerRequest, HetznerClient};
 use provisiond::clients::tailscale::{AuthKey, CreateKey, DeviceFilter, TailscaleClient};
 use provisiond::sim::{Faults, LatencyProfile, SimConfig, SimHandle, Simulator};
+use provisiond::tools::sim_clients::SimClients;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use provisiond::tools::sim_clients::SimClients;
 
 const TAG: &str = "tag:customer-vm";
 

@@ -11,8 +11,8 @@
 use super::config::HetznerConfig;
 use super::error::{ErrorClass, HetznerError};
 use super::models::{
-    Action, CreateServerRequest, CreateServerResponse, Location, Server, ServerQuery,
-    ServerType, null_default,
+    Action, CreateServerRequest, CreateServerResponse, Location, Server, ServerQuery, ServerType,
+    null_default,
 };
 use crate::clients::rate_budget::RateBudget;
 use crate::clients::retry::{RetryPolicy, retry};
@@ -286,7 +286,10 @@ impl HetznerClient {
         if idempotent == Idempotent::No {
             return once().await;
         }
-        let what = format!("hetzner {method} {}", crate::clients::call_metrics::endpoint_label(path));
+        let what = format!(
+            "hetzner {method} {}",
+            crate::clients::call_metrics::endpoint_label(path)
+        );
         retry(&self.retry, None, &what, once, HetznerError::retry_verdict).await
     }
 
@@ -311,7 +314,11 @@ impl HetznerClient {
         }
         let endpoint = crate::clients::call_metrics::endpoint_label(path);
         let resp = req.send().await.map_err(|e| {
-            crate::metrics::api_call("hetzner", &endpoint, crate::clients::call_metrics::transport_code(&e));
+            crate::metrics::api_call(
+                "hetzner",
+                &endpoint,
+                crate::clients::call_metrics::transport_code(&e),
+            );
             transport_error(e, idempotent)
         })?;
         let status = resp.status();

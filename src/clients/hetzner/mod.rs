@@ -16,7 +16,7 @@ pub use config::HetznerConfig;
 pub use error::{ErrorClass, HetznerError};
 pub use labels::{validate_label_key, validate_label_value};
 pub use models::{
-    Action, ActionError, ActionStatus, CreateServerRequest, CreateServerResponse, Ipv4,
-    Location, NamedRef, PublicNet, PublicNetRequest, Server, ServerQuery, ServerStatus,
-    ServerType, ServerTypeLocation,
+    Action, ActionError, ActionStatus, CreateServerRequest, CreateServerResponse, Ipv4, Location,
+    NamedRef, PublicNet, PublicNetRequest, Server, ServerQuery, ServerStatus, ServerType,
+    ServerTypeLocation,
 };

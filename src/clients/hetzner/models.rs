@@ -7,7 +7,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 
-
 /// RFC 3339 in any of the forms the API emits (`Z`, `+00:00`, fractional seconds); null, absent
 /// or unparsable becomes `None` rather than failing the whole response.
 fn lenient_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {

@@ -6,13 +6,13 @@
 //! worker runs, so the figures are the HTTP path alone: verify, parse, write, answer.
 
 use super::common::pgbench;
-use crate::tools::scratch::Scratch;
 use crate::config::{HttpConfig, Regions};
 use crate::db;
 use crate::domain::Executor;
 use crate::http::{HttpSettings, HttpState, serve};
 use crate::queue::{NewJob, Queue, QueueSettings};
 use crate::secret::Secret;
+use crate::tools::scratch::Scratch;
 use anyhow::Context;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
