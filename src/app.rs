@@ -194,19 +194,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     // HTTP first (started before READY, stopped after the worker drained), so runner callbacks
     // and webhooks are answered for as long as jobs may move.
-    let http = if config.http.listen.is_empty() {
-        None
-    } else {
-        let state = crate::http::HttpState::new(
-            queue.clone(),
-            crate::http::HttpSettings::from_config(&config.http, &config.regions)?,
-            config.regions.clone(),
-            config.database_url()?.clone(),
-            config.database.connect_timeout,
-        );
-        let (addr, task) =
-            crate::http::serve(state, &config.http.listen, http_stop.clone()).await?;
-        Some((addr, task))
+    let http = match start_http(&config, &queue, &http_stop).await {
+        Ok(http) => http,
+        Err(e) => {
+            let mut scheduler = scheduler;
+            let _ = scheduler.shutdown().await;
+            return Err(e);
+        }
     };
     let http_addr = http.as_ref().map(|(addr, _)| *addr);
 
@@ -245,6 +239,27 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tasks,
         scheduler,
     }))
+}
+
+/// Binds `http.listen` and starts serving (`None` when it is empty).
+async fn start_http(
+    config: &Config,
+    queue: &Queue,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
+    if config.http.listen.is_empty() {
+        return Ok(None);
+    }
+    let state = crate::http::HttpState::new(
+        queue.clone(),
+        crate::http::HttpSettings::from_config(&config.http, &config.regions)?,
+        config.regions.clone(),
+        config.database_url()?.clone(),
+        config.database.connect_timeout,
+    );
+    Ok(Some(
+        crate::http::serve(state, &config.http.listen, stop.clone()).await?,
+    ))
 }
 
 impl Daemon {

@@ -296,23 +296,24 @@ async fn serve_binds_its_listener_before_the_worker_starts() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn serve");
+    // The log up to the worker's start (or its end, if serve died first). The reader keeps
+    // draining afterwards: a closed pipe would fail the daemon's next log line.
     let stderr = child.stderr.take().unwrap();
-    // Up to the worker's start (or the end of the log, if serve died first).
-    let lines = tokio::task::spawn_blocking(move || {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = std::thread::spawn(move || {
         use std::io::BufRead;
-        let mut seen = Vec::new();
         for line in std::io::BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            let done = line.contains("worker starting");
-            seen.push(line);
-            if done {
-                break;
-            }
+            let _ = tx.send(line.unwrap());
         }
-        seen
-    })
-    .await
-    .unwrap();
+    });
+    let mut lines = Vec::new();
+    while let Some(line) = rx.recv().await {
+        let done = line.contains("worker starting");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
     let term = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -321,6 +322,7 @@ async fn serve_binds_its_listener_before_the_worker_starts() {
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
+    reader.join().unwrap();
     assert!(status.success(), "serve exited with {status}");
     let at = |what: &str| lines.iter().position(|l| l.contains(what));
     match (at("http listening"), at("worker starting")) {

@@ -63,8 +63,8 @@ async fn a_task_that_dies_stops_serve_with_an_error() {
 }
 
 /// A port already taken: `serve` fails at the bind, before any worker exists, so the queued
-/// job was never claimed. (Before, the worker was started first and claimed jobs that a
-/// process without its HTTP surface then abandoned.)
+/// job was never claimed. (The start order itself is shown by
+/// `cli::serve_binds_its_listener_before_the_worker_starts`; this guards the failure path.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_that_cannot_listen_claims_nothing() {
     let db = TestDb::new().await;
