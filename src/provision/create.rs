@@ -53,7 +53,6 @@ impl Attempt<'_> {
     /// `key_minted` and `vm_created`: adopt the job's server, or mint a key and create it.
     pub(super) async fn server(&mut self) -> Result<(), Stop> {
         let p = self.p;
-        let h = &p.inner.hetzner;
         let s = &p.inner.settings;
         let name = server_name(self.job.id);
         let resumed = self.job.tailscale_key_id.is_some() || self.job.retry_count > 0;
@@ -92,7 +91,15 @@ impl Attempt<'_> {
                 step: Step::VmCreated.as_str(),
             })?;
         drop(key);
+        self.create(name, user_data).await
+    }
 
+    /// `vm_created`: the server, in the first location of the job's region that has capacity;
+    /// a taken name or an unclear outcome adopts the job's server instead.
+    async fn create(&mut self, name: String, user_data: String) -> Result<(), Stop> {
+        let p = self.p;
+        let h = &p.inner.hetzner;
+        let s = &p.inner.settings;
         let locations = s
             .regions
             .0
