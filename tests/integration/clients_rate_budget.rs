@@ -7,6 +7,7 @@ use provisiond::clients::hetzner::{CreateServerRequest, HetznerClient};
 use provisiond::clients::rate_budget::RateBudget;
 use provisiond::secret::Secret;
 use provisiond::sim::{SimConfig, SimHandle, SimState, Simulator};
+use provisiond::tools::sim_clients::SimClients;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

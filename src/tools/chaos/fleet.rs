@@ -52,7 +52,6 @@ impl Fleet {
         let cfg = sim.config();
         let ms = |d: Duration| format!("{}ms", d.as_millis());
         let env: Vec<(String, String)> = [
-            ("PROVISIOND__WORKER__HANDLER", "provision".to_owned()),
             (
                 "PROVISIOND__WORKER__CONCURRENCY",
                 settings.concurrency.to_string(),
