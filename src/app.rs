@@ -1,10 +1,12 @@
 //! Wiring for `provisiond serve`: the pool, the queue, the worker, the scheduled sweep, and the
 //! order in which they stop.
 //!
-//! Startup: the clouds are checked first (the server type against Hetzner, the OAuth client
-//! against Tailscale); a transient error there is retried with backoff and logged, only a
+//! Startup: migrations first (additive, so harmless even for a daemon whose cloud credentials
+//! turn out wrong; and the shared Hetzner request budget lives in the database), then the clouds
+//! are checked (the server type against Hetzner, the OAuth client against Tailscale), paced by
+//! that shared budget; a transient error there is retried with backoff and logged, only a
 //! definitive answer (401, an unknown or deprecated type, a refused OAuth client) stops the
-//! process. Start order: checks → migrations → schedules → HTTP listener bound → worker, so no
+//! process. Start order: migrations → checks → schedules → HTTP listener bound → worker, so no
 //! job is claimed before the daemon can answer for it. Shutdown order: stop claiming → let jobs
 //! reach a checkpoint → hand leases back → stop HTTP → stop the scheduler. `serve` watches its
 //! tasks (worker, HTTP server, watchdog): one that ends or panics on its own is logged in one
@@ -124,9 +126,17 @@ pub async fn check_clouds(
     Ok(regions)
 }
 
-/// The provisioning handler, after the startup checks of both clouds.
-pub async fn provisioner(config: &Config, patience: &RetryPolicy) -> anyhow::Result<Provisioner> {
+/// The provisioning handler, after the startup checks of both clouds. With a queue, its
+/// Hetzner requests (the checks' included) are paced by the project's shared budget.
+pub async fn provisioner(
+    config: &Config,
+    patience: &RetryPolicy,
+    queue: Option<&Queue>,
+) -> anyhow::Result<Provisioner> {
     let (hetzner, tailscale) = clients(config)?;
+    if let Some(queue) = queue {
+        share_rate_budget(config, queue, &hetzner).await?;
+    }
     let mut settings = ProvisionSettings::from_config(config);
     settings.regions = check_clouds(&hetzner, &tailscale, &settings, patience).await?;
     Ok(Provisioner::new(
@@ -135,6 +145,29 @@ pub async fn provisioner(config: &Config, patience: &RetryPolicy) -> anyhow::Res
         settings,
         WatchSettings::default(),
     ))
+}
+
+/// Paces `hetzner`'s requests with the project's budget in the database, shared by every
+/// daemon that names the same `hetzner.project`. Before the first request: a request sent
+/// outside the shared bucket spends tokens the other daemons still count on.
+async fn share_rate_budget(
+    config: &Config,
+    queue: &Queue,
+    hetzner: &HetznerClient,
+) -> anyhow::Result<()> {
+    if !config.hetzner.share_budget {
+        tracing::info!("hetzner.share_budget = false: this daemon paces its requests alone");
+        return Ok(());
+    }
+    let store = db::rate_budget::PgRateBudget::open(queue.pool().clone(), &config.hetzner.project)
+        .await
+        .context("opening the shared Hetzner rate budget")?;
+    hetzner.budget().attach(Arc::new(store));
+    tracing::info!(
+        project = %config.hetzner.project,
+        "Hetzner requests paced by the project's shared budget"
+    );
+    Ok(())
 }
 
 /// Runs the daemon until `shutdown` fires (then `Ok`), or until one of its tasks ends on its
@@ -166,15 +199,16 @@ struct Task {
     handle: JoinHandle<()>,
 }
 
-/// Starts the daemon: checks the clouds (when it provisions), migrates, schedules the sweep and
-/// the reaper, binds the HTTP listener, and only then starts the worker, so no job is claimed
+/// Starts the daemon: migrates, checks the clouds (when it provisions; paced by the project's
+/// shared request budget, which lives in the database), schedules the sweep and the reaper, binds the HTTP listener, and only then starts the worker, so no job is claimed
 /// by a process that cannot answer the callbacks and probes that follow. `None` when `shutdown`
 /// fired during the startup checks.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Option<Daemon>> {
+    let queue = open_queue(&config, true).await?;
     let provisioner = if config.worker.enabled {
         // SIGTERM during the startup checks (a cloud that stays down) stops cleanly.
         tokio::select! {
-            r = provisioner(&config, &SERVE_STARTUP_PATIENCE) => Some(r?),
+            r = provisioner(&config, &SERVE_STARTUP_PATIENCE, Some(&queue)) => Some(r?),
             _ = shutdown.cancelled() => {
                 tracing::info!("stopped during the startup checks");
                 return Ok(None);
@@ -183,7 +217,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     } else {
         None
     };
-    let queue = open_queue(&config, true).await?;
     let scheduler = start_sweeper(&config.sweep.schedule, queue.clone()).await?;
     if let Some(p) = &provisioner {
         schedule_reaper(&scheduler, &config, queue.clone(), p.clone()).await?;

@@ -154,6 +154,12 @@ pub struct HetznerSettings {
     pub base_url: url::Url,
     /// API token of the project. Prefer `token_file` (a systemd credential).
     pub token: Option<Secret>,
+    /// The name under which every daemon on this database shares the project's request budget
+    /// (Hetzner limits requests per project): daemons with the same name share one bucket.
+    pub project: String,
+    /// `false`: this daemon paces its Hetzner requests alone (only right for a single daemon on
+    /// the project; kept for comparisons in `provisiond bench fleet`).
+    pub share_budget: bool,
     pub token_file: Option<PathBuf>,
     /// Checked against `GET /server_types` at startup: deprecated or unavailable is an error.
     pub server_type: String,
@@ -170,6 +176,8 @@ impl Default for HetznerSettings {
             base_url: url::Url::parse("https://api.hetzner.cloud/v1").expect("static URL"),
             token: None,
             token_file: None,
+            project: "default".to_owned(),
+            share_budget: true,
             server_type: "cpx22".to_owned(),
             image: "ubuntu-24.04".to_owned(),
             ssh_keys: Vec::new(),

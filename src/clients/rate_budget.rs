@@ -22,7 +22,7 @@
 //! the database cannot pace is still better paced locally than not at all.
 
 use futures::future::BoxFuture;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -62,8 +62,9 @@ pub trait SharedBudgetStore: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct RateBudget {
     state: Mutex<State>,
-    /// The bucket shared with other processes of the same project, if any.
-    shared: Option<Arc<dyn SharedBudgetStore>>,
+    /// The bucket shared with other processes of the same project, once attached (the startup
+    /// checks run before the database is migrated, paced by the local bucket).
+    shared: OnceLock<Arc<dyn SharedBudgetStore>>,
     /// Woken whenever headers arrive, so the waiter re-checks at once instead of sleeping a
     /// full refill period on a stale estimate.
     changed: Notify,
@@ -130,21 +131,26 @@ impl RateBudget {
             }),
             changed: Notify::new(),
             turn: tokio::sync::Mutex::new(()),
-            shared: None,
+            shared: OnceLock::new(),
         }
     }
 
     /// A budget whose bucket is `store`'s, shared with every process using the same store.
     pub fn shared(store: Arc<dyn SharedBudgetStore>) -> Self {
-        RateBudget {
-            shared: Some(store),
-            ..Self::new()
-        }
+        let b = Self::new();
+        b.attach(store);
+        b
+    }
+
+    /// From now on, paces with `store`'s bucket instead of the local one. `false` if a store
+    /// was attached already (the first one stays).
+    pub fn attach(&self, store: Arc<dyn SharedBudgetStore>) -> bool {
+        self.shared.set(store).is_ok()
     }
 
     /// Whether this budget is shared with other processes.
     pub fn is_shared(&self) -> bool {
-        self.shared.is_some()
+        self.shared.get().is_some()
     }
 
     /// Copies the shared bucket's numbers into the local mirror (metrics, `wait_estimate`).
@@ -197,7 +203,7 @@ impl RateBudget {
     /// Waits until one request may be sent, and takes its token. Callers are served in the
     /// order they arrived.
     pub async fn acquire(&self) {
-        if let Some(store) = &self.shared {
+        if let Some(store) = self.shared.get() {
             match store.reserve().await {
                 Ok(b) => {
                     self.mirror(&b);
@@ -235,7 +241,7 @@ impl RateBudget {
     /// concurrent requests arrive out of order), except for the first response, which replaces
     /// the initial guess.
     pub async fn observe(&self, limit: Option<u64>, remaining: Option<u64>) {
-        if let Some(store) = &self.shared {
+        if let Some(store) = self.shared.get() {
             if limit.is_none() && remaining.is_none() {
                 return;
             }
@@ -274,7 +280,7 @@ impl RateBudget {
     /// (`1 / (limit/3600)` s). `RateLimit-Reset` is deliberately not waited for: it is when the
     /// bucket is full again, not when the next request is allowed.
     pub async fn rate_limited(&self) {
-        if let Some(store) = &self.shared {
+        if let Some(store) = self.shared.get() {
             match store.rate_limited().await {
                 Ok(b) => {
                     self.mirror(&b);

@@ -65,6 +65,8 @@ pub enum BenchCommand {
     Provision(crate::tools::bench::provision::ProvisionBenchArgs),
     /// Signed Stripe webhooks and runner heartbeats per second through the HTTP server.
     Http(crate::tools::bench::http::HttpBenchArgs),
+    /// Several `serve` processes sharing one simulated project's request budget.
+    Fleet(crate::tools::bench::fleet::FleetBenchArgs),
 }
 
 #[derive(Subcommand)]

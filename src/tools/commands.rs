@@ -181,7 +181,7 @@ pub async fn jobs_show(config: &Config, id: Uuid, json: bool) -> anyhow::Result<
 /// `provisiond reap`.
 pub async fn reap(config: &Config) -> anyhow::Result<String> {
     let queue = app::open_queue(config, false).await?;
-    let p = app::provisioner(config, &app::CLI_PATIENCE).await?;
+    let p = app::provisioner(config, &app::CLI_PATIENCE, Some(&queue)).await?;
     let report = crate::provision::reaper::reap(
         &queue,
         p.hetzner(),
@@ -266,6 +266,7 @@ pub async fn bench(config: &Config, command: BenchCommand) -> anyhow::Result<Str
         BenchCommand::Queue(args) => super::bench::queue::queue(server, args).await,
         BenchCommand::Provision(args) => super::bench::provision::provision(server, args).await,
         BenchCommand::Http(args) => super::bench::http::http(server, args).await,
+        BenchCommand::Fleet(args) => super::bench::fleet::fleet(server, args).await,
     }
 }
 

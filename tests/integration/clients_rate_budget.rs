@@ -298,7 +298,11 @@ async fn daemons_sharing_a_project_share_one_budget_and_never_meet_a_429() {
         let early = reads[..30].iter().filter(|c| **c == name).count();
         assert!((8..=12).contains(&early), "{name}: {early} of the first 30");
     }
-    assert!(db.count("SELECT rate_limited FROM hetzner_rate_budgets WHERE project = 'p1'").await == 0);
+    assert!(
+        db.count("SELECT rate_limited FROM hetzner_rate_budgets WHERE project = 'p1'")
+            .await
+            == 0
+    );
 }
 
 /// The same load with a budget per process overspends the project: what the shared budget is for.
@@ -339,10 +343,14 @@ async fn the_shared_bucket_empties_on_a_429_and_refills_one_token_at_a_time() {
     // Measured from each reservation's own time, so the milliseconds this machine takes
     // between statements come off the waits; the spacing stays one token (100 ms).
     assert!(ms(next.wait) > 0.0 && ms(next.wait) <= 100.0, "{next:?}");
-    assert!(ms(after.wait) > 100.0 && ms(after.wait) <= 200.0, "{after:?}");
+    assert!(
+        ms(after.wait) > 100.0 && ms(after.wait) <= 200.0,
+        "{after:?}"
+    );
     assert!(ms(after.wait) - ms(next.wait) > 50.0, "{next:?} {after:?}");
     assert_eq!(
-        db.count("SELECT rate_limited FROM hetzner_rate_budgets WHERE project = 'p'").await,
+        db.count("SELECT rate_limited FROM hetzner_rate_budgets WHERE project = 'p'")
+            .await,
         1
     );
 }
