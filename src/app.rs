@@ -1,26 +1,34 @@
 //! Wiring for `provisiond serve`: the pool, the queue, the worker, the scheduled sweep, and the
 //! order in which they stop.
 //!
-//! Startup: the clouds are checked first (the server type against Hetzner, the OAuth client
-//! against Tailscale); a transient error there is retried with backoff and logged, only a
+//! Startup: migrations first (additive, so harmless even for a daemon whose cloud credentials
+//! turn out wrong; and the shared Hetzner request budget lives in the database), then the clouds
+//! are checked (the server type against Hetzner, the OAuth client against Tailscale), paced by
+//! that shared budget; a transient error there is retried with backoff and logged, only a
 //! definitive answer (401, an unknown or deprecated type, a refused OAuth client) stops the
-//! process. Shutdown order: stop claiming → let jobs reach a checkpoint → hand leases back →
-//! stop the scheduler. systemd is told READY once the checks passed, migrations ran and the
-//! pool is up, and STOPPING when the drain begins; the watchdog is pinged while the process is
-//! healthy.
+//! process. Start order: migrations → checks → schedules → HTTP listener bound → worker, so no
+//! job is claimed before the daemon can answer for it. Shutdown order: stop claiming → let jobs
+//! reach a checkpoint → hand leases back → stop HTTP → stop the scheduler. `serve` watches its
+//! tasks (worker, HTTP server, watchdog): one that ends or panics on its own is logged in one
+//! line, the rest are shut down in that order, and `serve` returns an error (a non-zero exit, so
+//! systemd restarts the unit). systemd is told READY once the checks passed, migrations ran, the
+//! listener is bound and the worker started, and STOPPING when the drain begins; the watchdog
+//! is pinged while the database answers.
 
 use crate::clients::hetzner::{HetznerClient, HetznerConfig};
 use crate::clients::retry::{RetryPolicy, Verdict, retry};
 use crate::clients::tailscale::{TailscaleClient, TailscaleConfig};
-use crate::config::{Config, HandlerKind, Regions};
+use crate::config::{Config, Regions};
 use crate::db;
 use crate::provision::watch::WatchSettings;
 use crate::provision::{ProvisionSettings, Provisioner, reaper, usable_regions};
 use crate::queue::Queue;
-use crate::worker::{JobHandler, NoopHandler, Worker, WorkerSettings};
+use crate::worker::{Worker, WorkerSettings};
 use anyhow::Context;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::task::JoinHandle;
 use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
@@ -141,9 +149,17 @@ pub async fn check_clouds(
     Ok(regions)
 }
 
-/// The provisioning handler, after the startup checks of both clouds.
-pub async fn provisioner(config: &Config, patience: &RetryPolicy) -> anyhow::Result<Provisioner> {
+/// The provisioning handler, after the startup checks of both clouds. With a queue, its
+/// Hetzner requests (the checks' included) are paced by the project's shared budget.
+pub async fn provisioner(
+    config: &Config,
+    patience: &RetryPolicy,
+    queue: Option<&Queue>,
+) -> anyhow::Result<Provisioner> {
     let (hetzner, tailscale) = clients(config)?;
+    if let Some(queue) = queue {
+        share_rate_budget(config, queue, &hetzner).await?;
+    }
     let mut settings = ProvisionSettings::from_config(config);
     settings.regions = check_clouds(&hetzner, &tailscale, &settings, patience).await?;
     Ok(Provisioner::new(
@@ -154,95 +170,230 @@ pub async fn provisioner(config: &Config, patience: &RetryPolicy) -> anyhow::Res
     ))
 }
 
-async fn handler_for(
+/// Paces `hetzner`'s requests with the project's budget in the database, shared by every
+/// daemon that names the same `hetzner.project`. Before the first request: a request sent
+/// outside the shared bucket spends tokens the other daemons still count on.
+async fn share_rate_budget(
     config: &Config,
-) -> anyhow::Result<(Arc<dyn JobHandler>, Option<Provisioner>)> {
-    match config.worker.handler {
-        HandlerKind::Noop => {
-            tracing::warn!(
-                "worker.handler = \"noop\": jobs are marked running without provisioning anything"
-            );
-            Ok((
-                Arc::new(NoopHandler {
-                    hold: config.worker.noop_hold,
-                }),
-                None,
-            ))
-        }
-        HandlerKind::Provision => {
-            let p = provisioner(config, &SERVE_STARTUP_PATIENCE).await?;
-            Ok((Arc::new(p.clone()), Some(p)))
-        }
+    queue: &Queue,
+    hetzner: &HetznerClient,
+) -> anyhow::Result<()> {
+    if !config.hetzner.share_budget {
+        tracing::info!("hetzner.share_budget = false: this daemon paces its requests alone");
+        return Ok(());
+    }
+    let store = db::rate_budget::PgRateBudget::open(queue.pool().clone(), &config.hetzner.project)
+        .await
+        .context("opening the shared Hetzner rate budget")?;
+    hetzner.budget().attach(Arc::new(store));
+    tracing::info!(
+        project = %config.hetzner.project,
+        "Hetzner requests paced by the project's shared budget"
+    );
+    Ok(())
+}
+
+/// Runs the daemon until `shutdown` fires (then `Ok`), or until one of its tasks ends on its
+/// own (then the others are shut down in order and the error says which task died, so that
+/// the process exits non-zero and systemd restarts it).
+pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match start(config, shutdown).await? {
+        Some(daemon) => daemon.run().await,
+        None => Ok(()),
     }
 }
 
-/// Runs the daemon until `shutdown` fires.
-pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (handler, provisioner) = if config.worker.enabled {
+/// A started daemon: its HTTP listener bound, its worker claiming, its schedules running.
+pub struct Daemon {
+    /// The signal (SIGTERM) that stops the daemon normally.
+    shutdown: CancellationToken,
+    /// Stops the worker and the watchdog: on `shutdown`, or when a task died.
+    stop: CancellationToken,
+    /// Stops the HTTP server, after the worker drained.
+    http_stop: CancellationToken,
+    http_addr: Option<SocketAddr>,
+    /// In shutdown order: the worker, then the HTTP server, then the watchdog.
+    tasks: Vec<Task>,
+    scheduler: JobScheduler,
+}
+
+struct Task {
+    name: &'static str,
+    handle: JoinHandle<()>,
+}
+
+/// Starts the daemon: migrates, checks the clouds (when it provisions; paced by the project's
+/// shared request budget, which lives in the database), schedules the sweep and the reaper, binds the HTTP listener, and only then starts the worker, so no job is claimed
+/// by a process that cannot answer the callbacks and probes that follow. `None` when `shutdown`
+/// fired during the startup checks.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Option<Daemon>> {
+    let queue = open_queue(&config, true).await?;
+    let provisioner = if config.worker.enabled {
         // SIGTERM during the startup checks (a cloud that stays down) stops cleanly.
-        let (h, p) = tokio::select! {
-            r = handler_for(&config) => r?,
+        tokio::select! {
+            r = provisioner(&config, &SERVE_STARTUP_PATIENCE, Some(&queue)) => Some(r?),
             _ = shutdown.cancelled() => {
                 tracing::info!("stopped during the startup checks");
-                return Ok(());
+                return Ok(None);
             }
-        };
-        (Some(h), p)
+        }
     } else {
-        (None, None)
+        None
     };
-    let queue = open_queue(&config, true).await?;
-    let mut scheduler = start_sweeper(&config.sweep.schedule, queue.clone()).await?;
+    let scheduler = start_sweeper(&config.sweep.schedule, queue.clone()).await?;
     if let Some(p) = &provisioner {
         schedule_reaper(&scheduler, &config, queue.clone(), p.clone()).await?;
     }
+    let stop = shutdown.child_token();
+    let http_stop = CancellationToken::new();
+    let mut tasks = Vec::new();
 
-    let worker = handler.map(|handler| {
+    // HTTP first (started before READY, stopped after the worker drained), so runner callbacks
+    // and webhooks are answered for as long as jobs may move.
+    let http = match start_http(&config, &queue, &http_stop).await {
+        Ok(http) => http,
+        Err(e) => {
+            let mut scheduler = scheduler;
+            let _ = scheduler.shutdown().await;
+            return Err(e);
+        }
+    };
+    let http_addr = http.as_ref().map(|(addr, _)| *addr);
+
+    if let Some(p) = provisioner {
         let settings = WorkerSettings::from_config(&config.worker);
         tracing::info!(owner = %settings.owner, concurrency = settings.concurrency, "worker starting");
-        let url = config.database_url().expect("checked by open_queue").clone();
-        let worker = Worker::new(queue.clone(), handler, settings, url);
-        tokio::spawn(worker.run(shutdown.clone()))
-    });
-
-    // --- HTTP surface (issue #5): started before READY, stopped after the worker drained, so
-    // runner callbacks and webhooks are answered for as long as jobs may still move.
-    let http_stop = CancellationToken::new();
-    let http = if config.http.listen.is_empty() {
-        None
-    } else {
-        let state = crate::http::HttpState::new(
-            queue.clone(),
-            crate::http::HttpSettings::from_config(&config.http, &config.regions)?,
-            config.regions.clone(),
-            config.database_url()?.clone(),
-            config.database.connect_timeout,
-        );
-        let (_addr, task) =
-            crate::http::serve(state, &config.http.listen, http_stop.clone()).await?;
-        Some(task)
-    };
-    // --- end HTTP surface
-
+        let url = config.database_url()?.clone();
+        let worker = Worker::new(queue.clone(), Arc::new(p), settings, url);
+        let stop = stop.clone();
+        tasks.push(Task {
+            name: "worker",
+            handle: tokio::spawn(async move {
+                worker.run(stop).await;
+            }),
+        });
+    }
+    if let Some((_, handle)) = http {
+        tasks.push(Task {
+            name: "http server",
+            handle,
+        });
+    }
+    if let Some(every) = watchdog_interval() {
+        tasks.push(Task {
+            name: "watchdog",
+            handle: tokio::spawn(watchdog(queue.clone(), every, stop.clone())),
+        });
+    }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let watchdog = tokio::spawn(watchdog(queue.clone(), shutdown.clone()));
     tracing::info!(database.mode = %queue.settings().mode, "provisiond serving");
-    shutdown.cancelled().await;
+    Ok(Some(Daemon {
+        shutdown,
+        stop,
+        http_stop,
+        http_addr,
+        tasks,
+        scheduler,
+    }))
+}
 
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    if let Some(worker) = worker {
-        worker.await.context("worker task")?;
+/// Binds `http.listen` and starts serving (`None` when it is empty).
+async fn start_http(
+    config: &Config,
+    queue: &Queue,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<(SocketAddr, JoinHandle<()>)>> {
+    if config.http.listen.is_empty() {
+        return Ok(None);
     }
-    // --- HTTP surface: stop accepting, let in-flight requests finish.
-    http_stop.cancel();
-    if let Some(http) = http {
-        http.await.context("http server task")?;
+    let state = crate::http::HttpState::new(
+        queue.clone(),
+        crate::http::HttpSettings::from_config(&config.http, &config.regions)?,
+        config.regions.clone(),
+        config.database_url()?.clone(),
+        config.database.connect_timeout,
+    );
+    Ok(Some(
+        crate::http::serve(state, &config.http.listen, stop.clone()).await?,
+    ))
+}
+
+impl Daemon {
+    /// Where the HTTP surface listens (`None` without one).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
-    // --- end HTTP surface
-    let _ = scheduler.shutdown().await;
-    watchdog.abort();
-    tracing::info!("provisiond stopped");
-    Ok(())
+
+    /// The names of the running tasks, in shutdown order.
+    pub fn task_names(&self) -> Vec<&'static str> {
+        self.tasks.iter().map(|t| t.name).collect()
+    }
+
+    /// Aborts the named task, as a crash of that task would end it (a test hook: nothing the
+    /// daemon reads can call it). Returns whether such a task exists.
+    pub fn abort_task(&self, name: &str) -> bool {
+        self.tasks
+            .iter()
+            .filter(|t| t.name == name)
+            .map(|t| t.handle.abort())
+            .count()
+            > 0
+    }
+
+    /// Waits for the shutdown signal or the first task to end, then shuts down in order: stop
+    /// claiming → let jobs reach a checkpoint → hand leases back (the worker) → stop HTTP →
+    /// stop the schedules. A task that ended on its own is an error.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let died = self.first_to_end().await;
+        if let Some((name, how)) = &died {
+            tracing::error!(task = name, "{name} task {how}; shutting down");
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        self.stop.cancel();
+        for task in std::mem::take(&mut self.tasks) {
+            if task.name == "http server" {
+                // Stop accepting once the worker drained; in-flight requests finish.
+                self.http_stop.cancel();
+            }
+            if let Err(e) = task.handle.await
+                && died.is_none()
+            {
+                tracing::warn!(task = task.name, error = %e, "task failed while stopping");
+            }
+        }
+        self.http_stop.cancel();
+        let _ = self.scheduler.shutdown().await;
+        match died {
+            Some((name, how)) => Err(anyhow::anyhow!("the {name} task {how}")),
+            None => {
+                tracing::info!("provisiond stopped");
+                Ok(())
+            }
+        }
+    }
+
+    /// `None` when the shutdown signal came first; else the task that ended and how.
+    async fn first_to_end(&mut self) -> Option<(&'static str, String)> {
+        if self.tasks.is_empty() {
+            self.shutdown.cancelled().await;
+            return None;
+        }
+        let (index, result) = {
+            let ended = futures::future::select_all(self.tasks.iter_mut().map(|t| &mut t.handle));
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                (result, index, _) = ended => (index, result),
+            }
+        };
+        let task = self.tasks.remove(index);
+        let how = match result {
+            Ok(()) => "ended unexpectedly".to_owned(),
+            Err(e) if e.is_panic() => "panicked".to_owned(),
+            Err(e) if e.is_cancelled() => "was aborted".to_owned(),
+            Err(e) => format!("failed: {e}"),
+        };
+        Some((task.name, how))
+    }
 }
 
 /// The sweep on a cron schedule. A failing sweep is logged and the schedule goes on.
@@ -306,13 +457,17 @@ async fn schedule_reaper(
     Ok(())
 }
 
-/// Pings the systemd watchdog while the database answers, so that a wedged process is restarted.
-async fn watchdog(queue: Queue, stop: CancellationToken) {
+/// How often to ping systemd's watchdog (a third of its timeout), if it watches this process.
+fn watchdog_interval() -> Option<Duration> {
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
+        return None;
     }
-    let every = Duration::from_micros(usec) / 3;
+    Some(Duration::from_micros(usec) / 3)
+}
+
+/// Pings the systemd watchdog while the database answers, so that a wedged process is restarted.
+async fn watchdog(queue: Queue, every: Duration, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

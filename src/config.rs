@@ -3,7 +3,7 @@
 //! Precedence (last wins): built-in defaults < `--config` file < `PROVISIOND__SECTION__KEY`
 //! environment variables < `DATABASE_URL`. Secrets (`*_file` keys) are read from files so that
 //! systemd credentials (`LoadCredential=`) work; they are held as [`Secret`] and never printed.
-//! `config/provisiond.example.toml` documents every key; `tests/config.rs` keeps it loadable.
+//! `config/provisiond.example.toml` documents every key; `tests/integration/config.rs` keeps it loadable.
 
 use crate::secret::Secret;
 use serde::Deserialize;
@@ -117,21 +117,11 @@ impl Default for QueueConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HandlerKind {
-    /// The real step machine: Tailscale key, Hetzner server, enrollment.
-    Provision,
-    /// Completes every job after `noop_hold` without touching any cloud. Tests and benchmarks only.
-    Noop,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// Whether `serve` claims jobs at all (an HTTP-only host sets this to false).
     pub enabled: bool,
-    pub handler: HandlerKind,
     /// Jobs this process runs at once.
     pub concurrency: usize,
     /// Most jobs taken by one claim statement.
@@ -146,22 +136,17 @@ pub struct WorkerConfig {
     /// handed back. Keep it under systemd's TimeoutStopSec.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// The noop handler's time per job.
-    #[serde(with = "humantime_serde")]
-    pub noop_hold: Duration,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             enabled: true,
-            handler: HandlerKind::Provision,
             concurrency: 64,
             claim_batch: 32,
             poll_interval: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(15),
             shutdown_grace: Duration::from_secs(20),
-            noop_hold: Duration::ZERO,
         }
     }
 }
@@ -188,6 +173,12 @@ pub struct HetznerSettings {
     pub base_url: url::Url,
     /// API token of the project. Prefer `token_file` (a systemd credential).
     pub token: Option<Secret>,
+    /// The name under which every daemon on this database shares the project's request budget
+    /// (Hetzner limits requests per project): daemons with the same name share one bucket.
+    pub project: String,
+    /// `false`: this daemon paces its Hetzner requests alone (only right for a single daemon on
+    /// the project; kept for comparisons in `provisiond bench fleet`).
+    pub share_budget: bool,
     pub token_file: Option<PathBuf>,
     /// Checked against `GET /server_types` at startup: deprecated or unavailable is an error.
     pub server_type: String,
@@ -204,6 +195,8 @@ impl Default for HetznerSettings {
             base_url: url::Url::parse("https://api.hetzner.cloud/v1").expect("static URL"),
             token: None,
             token_file: None,
+            project: "default".to_owned(),
+            share_budget: true,
             server_type: "cpx22".to_owned(),
             image: "ubuntu-24.04".to_owned(),
             ssh_keys: Vec::new(),
@@ -405,6 +398,7 @@ impl Config {
                 apply_override(&mut tree, rest, &value)?;
             }
         }
+        refuse_removed_keys(&tree, &origin)?;
         // serde_path_to_error names the key that failed ("queue.lease_ttl: ...").
         let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
             .map_err(|e| ConfigError::Parse {
@@ -528,6 +522,38 @@ impl Config {
 }
 
 /// Fills `value` from `file` when it is not set directly.
+/// Keys that existed once and were removed, with why: a config naming one is refused with that
+/// reason rather than an "unknown field" that reads like a typo.
+const REMOVED_KEYS: [(&str, &str, &str); 2] = [
+    (
+        "worker",
+        "handler",
+        "`serve` always runs the provisioning step machine; the no-op handler that marked jobs \
+         running without a VM exists only in benchmarks and tests that build their own worker",
+    ),
+    (
+        "worker",
+        "noop_hold",
+        "it belonged to the removed no-op handler (see worker.handler)",
+    ),
+];
+
+fn refuse_removed_keys(tree: &toml::Table, origin: &str) -> Result<(), ConfigError> {
+    for (section, key, why) in REMOVED_KEYS {
+        let named = tree
+            .get(section)
+            .and_then(toml::Value::as_table)
+            .is_some_and(|t| t.contains_key(key));
+        if named {
+            return Err(ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: format!("{section}.{key} was removed: {why}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn read_secret_file(
     value: &mut Option<Secret>,
     file: &Option<PathBuf>,
@@ -605,14 +631,12 @@ mod tests {
             env(&[
                 ("PROVISIOND__WORKER__CONCURRENCY", "7"),
                 ("PROVISIOND__QUEUE__LEASE_TTL", "90s"),
-                ("PROVISIOND__WORKER__HANDLER", "noop"),
                 ("DATABASE_URL", "postgres://u:hunter2@h/db"),
             ]),
         )
         .unwrap();
         assert_eq!(c.worker.concurrency, 7);
         assert_eq!(c.queue.lease_ttl, Duration::from_secs(90));
-        assert_eq!(c.worker.handler, HandlerKind::Noop);
         assert_eq!(
             c.database_url().unwrap().expose(),
             "postgres://u:hunter2@h/db"
@@ -630,5 +654,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("heartbeat_interval"), "{e}");
+    }
+
+    #[test]
+    fn the_removed_noop_handler_is_refused_by_name() {
+        // From a file, any value (the old default too), and from the environment.
+        for text in [
+            "[worker]\nhandler = \"noop\"\n",
+            "[worker]\nhandler = \"provision\"\n",
+            "[worker]\nnoop_hold = \"1s\"\n",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("provisiond.toml");
+            std::fs::write(&path, text).unwrap();
+            let e = Config::load_with_env(Some(&path), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("was removed"), "{text}: {e}");
+            assert!(e.contains("provisiond.toml"), "{e}");
+        }
+        let e = Config::load_with_env(None, env(&[("PROVISIOND__WORKER__HANDLER", "noop")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("worker.handler was removed"), "{e}");
+        assert!(e.contains("no-op handler"), "{e}");
     }
 }

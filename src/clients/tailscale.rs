@@ -442,7 +442,11 @@ impl TailscaleClient {
             .send()
             .await
             .map_err(|e| {
-                crate::metrics::api_call("tailscale", endpoint, super::transport_code(&e));
+                crate::metrics::api_call(
+                    "tailscale",
+                    endpoint,
+                    super::call_metrics::transport_code(&e),
+                );
                 transport_error(e, false)
             })?;
         let status = resp.status();
@@ -636,7 +640,10 @@ impl TailscaleClient {
         if method == Method::POST {
             return once().await;
         }
-        let what = format!("tailscale {method} {}", super::endpoint_label(path));
+        let what = format!(
+            "tailscale {method} {}",
+            super::call_metrics::endpoint_label(path)
+        );
         retry(
             &self.retry,
             None,
@@ -668,9 +675,13 @@ impl TailscaleClient {
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(b.clone());
             }
-            let endpoint = super::endpoint_label(path);
+            let endpoint = super::call_metrics::endpoint_label(path);
             let resp = req.send().await.map_err(|e| {
-                crate::metrics::api_call("tailscale", &endpoint, super::transport_code(&e));
+                crate::metrics::api_call(
+                    "tailscale",
+                    &endpoint,
+                    super::call_metrics::transport_code(&e),
+                );
                 transport_error(e, write)
             })?;
             let status = resp.status();

@@ -9,6 +9,7 @@ pub mod migrate;
 pub mod mode;
 pub mod models;
 pub mod preflight;
+pub mod rate_budget;
 pub mod schema;
 
 pub use migrate::{MigrateOptions, Outcome, Plan, SchemaState};

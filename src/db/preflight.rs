@@ -177,6 +177,7 @@ const OURS_ONLY: &[(&str, &str)] = &[
     ("table", "job_events"),
     ("table", "stripe_events"),
     ("table", "provisiond_adopted"),
+    ("table", "hetzner_rate_budgets"),
     ("type", "job_executor"),
     ("function", "provisiond_backoff"),
     ("function", "provisiond_notify_workers"),

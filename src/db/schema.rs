@@ -1,5 +1,5 @@
 // Mirrors migrations/ (diesel print-schema output, kept by hand because print-schema needs libpq;
-// `tests/migrations.rs` loads every column through these definitions to keep them true).
+// `tests/integration/migrations.rs` loads every column through these definitions to keep them true).
 
 pub mod sql_types {
     #[derive(diesel::query_builder::QueryId, diesel::sql_types::SqlType)]

@@ -4,11 +4,10 @@
 //! configured they answer 503 (off), never open. Must not: log the token or a body; write
 //! anything before the request is authenticated and validated.
 
-use super::HttpState;
 use super::error::{ApiError, json};
-use super::routes::Request;
+use super::request::Request;
 use super::signatures::bearer_matches;
-use super::steps;
+use super::state::HttpState;
 use crate::db::models::{AgentInstance, Job};
 use crate::domain::{Executor, JobStatus, valid_business_key, valid_region_name};
 use crate::metrics;
@@ -19,7 +18,7 @@ use uuid::Uuid;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 
-/// The OpenAPI document of this server, kept true by `tests/http_openapi.rs`.
+/// The OpenAPI document of this server, kept true by `tests/integration/http_openapi.rs`.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
 fn authorize(state: &HttpState, req: &Request) -> Result<(), ApiError> {
@@ -100,7 +99,7 @@ pub async fn agent_instance(state: &HttpState, req: Request) -> Result<Response,
                 "id": job.id, "status": job.status(), "error": job.error,
                 "failedStep": job.failed_step, "currentStep": job.current_step,
             },
-            "steps": steps::derive(job.status(), step),
+            "steps": crate::domain::ui_steps(job.status(), step),
         }),
     ))
 }
@@ -163,11 +162,14 @@ pub async fn create_job(state: &HttpState, req: Request) -> Result<Response, Api
     Ok(json(status, enqueued.job()))
 }
 
+/// Query values stay text until the field that owns them parses them, so `?status=1` is an
+/// unknown status (not "an integer where a string was expected") and `?limit=abc` names the
+/// limit.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     status: Option<String>,
-    limit: Option<i64>,
+    limit: Option<String>,
 }
 
 /// `GET /api/jobs?status=&limit=`: newest first.
@@ -181,7 +183,10 @@ pub async fn list_jobs(state: &HttpState, req: Request) -> Result<Response, ApiE
         .map(|s| s.parse::<JobStatus>())
         .transpose()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let limit = q.limit.unwrap_or(50);
+    let limit = match q.limit.as_deref() {
+        None | Some("") => 50,
+        Some(text) => text.parse::<i64>().unwrap_or(0),
+    };
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
@@ -189,18 +194,17 @@ pub async fn list_jobs(state: &HttpState, req: Request) -> Result<Response, ApiE
     Ok(json(StatusCode::OK, &json!({ "jobs": jobs })))
 }
 
-/// The query string as `T`, with a 400 naming what was wrong.
+/// The query string as `T` (whose fields take every value as text), with a 400 naming what was
+/// wrong. A repeated key is refused rather than silently resolved.
 fn serde_urlencoded_query<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, ApiError> {
-    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
-        .into_owned()
-        .collect();
-    let map: serde_json::Map<String, serde_json::Value> = pairs
-        .into_iter()
-        .map(|(k, v)| {
-            let v = v.parse::<i64>().map_or_else(|_| json!(v), |n| json!(n));
-            (k, v)
-        })
-        .collect();
+    let mut map = serde_json::Map::new();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()).into_owned() {
+        if map.insert(k.clone(), json!(v)).is_some() {
+            return Err(ApiError::bad_request(format!(
+                "invalid query: {k} is given twice"
+            )));
+        }
+    }
     serde_json::from_value(serde_json::Value::Object(map))
         .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
 }

@@ -7,7 +7,9 @@
 //! Must not: log a header value or a body; do the work of a handler.
 
 use super::error::ApiError;
-use super::{HttpState, api, webhooks};
+use super::request::Request;
+use super::state::HttpState;
+use super::{api, webhooks};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -49,21 +51,6 @@ pub const ROUTES: &[(&str, &str, RouteId)] = &[
     ("GET", "/metrics", RouteId::Metrics),
     ("GET", "/openapi.json", RouteId::OpenApi),
 ];
-
-/// What a handler gets: the path parameter (if its template has one), query, headers, body.
-pub struct Request {
-    pub param: Option<String>,
-    pub query: String,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl Request {
-    /// A header's value, if present and ASCII.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-}
 
 /// Matches `path` against a template; returns the `{x}` segment's value (or "" without one).
 fn match_template<'a>(template: &str, path: &'a str) -> Option<Option<&'a str>> {

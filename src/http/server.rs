@@ -166,7 +166,7 @@ impl Drop for Busy {
 /// the request it is answering and waits for them.
 pub async fn run(
     listener: TcpListener,
-    state: Arc<super::HttpState>,
+    state: Arc<super::state::HttpState>,
     limits: Limits,
     shutdown: CancellationToken,
 ) {

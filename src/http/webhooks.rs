@@ -5,12 +5,12 @@
 //! unauthentic or malformed request changes nothing. Must not: do slow work (enqueue and
 //! return), log a body, a header value or a secret.
 
-use super::HttpState;
 use super::error::{ApiError, json};
-use super::routes::Request;
+use super::request::Request;
 use super::signatures::{self, SignatureError};
-use super::{steps, text};
-use crate::domain::{Executor, valid_business_key};
+use super::state::HttpState;
+use super::text;
+use crate::domain::{Executor, Step, valid_business_key};
 use crate::metrics;
 use crate::queue::{
     Enqueued, ExternalEnd, Fence, NewJob, QueueError, StripeEventRecord, VmMetadata,
@@ -275,14 +275,14 @@ pub async fn runner(state: &HttpState, req: Request) -> Result<Response, ApiErro
             .await
             .map(|_| "heartbeat")
     } else if let (Some(step), None | Some("provisioning")) = (cb.step.as_deref(), status) {
-        if !steps::STEP_ORDER.contains(&step) {
+        if Step::parse(step).is_none() {
             return Err(ApiError::bad_request("Unknown step"));
         }
         // A step at or before the job's current one is a replay (or a duplicate delivery):
         // acknowledged, and nothing moves or is recorded.
         state
             .queue
-            .external_step(job_id, step, &steps::STEP_ORDER)
+            .external_step(job_id, step, &Step::names())
             .await
             .map(|advanced| {
                 if advanced.is_some() {

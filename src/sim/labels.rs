@@ -223,6 +223,49 @@ mod tests {
         }
     }
 
+    /// The documented key and value rules, table by table (not the client's tests: the
+    /// simulator must judge on its own).
+    #[test]
+    fn label_keys_and_values_follow_the_documented_rules() {
+        let values = [
+            ("", true),
+            ("a", true),
+            ("prod", true),
+            ("a.b_c-d", true),
+            (&"x".repeat(63), true),
+            (&"x".repeat(64), false),
+            ("-a", false),
+            ("a-", false),
+            ("a:b", false),
+            ("a b", false),
+            (
+                "cs_test_a1YS1URlnyQCN5fUUduORoQ7Pw41PJqDWkIVQCpJPqkfIhd6tVY8XB1OLY",
+                false,
+            ),
+        ];
+        for (v, ok) in values {
+            assert_eq!(label_value_ok(v), ok, "value {v:?}");
+        }
+        let keys = [
+            ("environment", true),
+            ("just-a-key", true),
+            ("example.com/my", true),
+            ("a.b-c.example/x_y", true),
+            ("", false),
+            ("/name", false),
+            ("Example.com/my", false),
+            ("example.com/", false),
+            ("-bad.example/x", false),
+            ("hetzner.cloud/x", false),
+            ("sub.hetzner.cloud/x", false),
+            (&format!("{}/x", "a".repeat(254)), false),
+            (&"k".repeat(64), false),
+        ];
+        for (k, ok) in keys {
+            assert_eq!(label_key_ok(k).is_ok(), ok, "key {k:?}");
+        }
+    }
+
     #[test]
     fn malformed_selectors_are_errors_not_panics() {
         for s in [

@@ -754,21 +754,6 @@ impl SimHandle {
             .unwrap_or_default()
     }
 
-    /// A client configuration pointing at this simulator with its first token.
-    pub fn hetzner_config(&self) -> crate::clients::hetzner::HetznerConfig {
-        crate::clients::hetzner::HetznerConfig::new(self.hetzner_base_url(), self.hetzner_token())
-    }
-
-    /// A client configuration pointing at this simulator with its OAuth client and tags.
-    pub fn tailscale_config(&self) -> crate::clients::tailscale::TailscaleConfig {
-        crate::clients::tailscale::TailscaleConfig::new(
-            self.tailscale_base_url(),
-            self.sim.cfg.tailscale_client_id.clone(),
-            self.sim.cfg.tailscale_client_secret.clone(),
-            self.sim.cfg.tailscale_tags.clone(),
-        )
-    }
-
     pub fn config(&self) -> &SimConfig {
         &self.sim.cfg
     }

@@ -3,9 +3,9 @@
 
 use crate::support::TestDb;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use provisiond::chaos::{ChaosPlan, checks};
 use provisiond::queue::{Fence, NewJob, Queue, QueueError, QueueSettings, StepFields};
 use provisiond::secret::Secret;
+use provisiond::tools::chaos::{ChaosPlan, checks};
 use std::path::Path;
 use std::time::Duration;
 use uuid::Uuid;
@@ -13,7 +13,7 @@ use uuid::Uuid;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_short_chaos_suite_passes_every_check() {
     let plan = ChaosPlan::short();
-    let report = provisiond::chaos::run(&plan, Path::new(env!("CARGO_BIN_EXE_provisiond")))
+    let report = provisiond::tools::chaos::run(&plan, Path::new(env!("CARGO_BIN_EXE_provisiond")))
         .await
         .expect("the suite ran");
     let text = report.render();

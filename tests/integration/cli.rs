@@ -149,9 +149,9 @@ async fn an_unreachable_database_is_one_line_without_the_password() {
 #[tokio::test]
 async fn migrate_and_check_config_on_a_fresh_database() {
     let db = TestDb::empty().await;
-    // No clouds configured: a noop worker does not need them.
+    // No clouds configured: a host without a worker does not need them.
     let (ok, out, err) = run(provisiond(&db)
-        .env("PROVISIOND__WORKER__HANDLER", "noop")
+        .env("PROVISIOND__WORKER__ENABLED", "false")
         .args(["check-config"]));
     assert!(ok, "{err}");
     assert!(out.contains("migrations pending"), "{out}");
@@ -164,13 +164,20 @@ async fn migrate_and_check_config_on_a_fresh_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_jobs_in_flight_exits_promptly_and_hands_them_back() {
     let db = TestDb::new().await;
-    let mut child = provisiond(&db)
+    // Servers take a minute to create: a prompt exit means the jobs were interrupted.
+    let sim = provisiond::sim::Simulator::start(provisiond::sim::SimConfig {
+        latency: provisiond::sim::LatencyProfile {
+            create: Duration::from_secs(60),
+            ..provisiond::sim::LatencyProfile::instant()
+        },
+        ..provisiond::sim::SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut child = against(&db, &sim)
         .arg("serve")
         // Any free port: a fixed one collides with other test runs on the machine.
         .env("PROVISIOND__HTTP__LISTEN", "127.0.0.1:0")
-        .env("PROVISIOND__WORKER__HANDLER", "noop")
-        // Jobs would hold for a minute: a prompt exit means they were interrupted.
-        .env("PROVISIOND__WORKER__NOOP_HOLD", "60s")
         .env("PROVISIOND__WORKER__CONCURRENCY", "5")
         .env("PROVISIOND__WORKER__POLL_INTERVAL", "200ms")
         .stdout(Stdio::null())
@@ -274,6 +281,56 @@ async fn sigterm_with_jobs_in_flight_exits_promptly_and_hands_them_back() {
     assert!(stderr.contains("SIGTERM"), "{stderr}");
 }
 
+/// `serve` starts claiming only once its HTTP listener is bound: the log says so in that order
+/// (before, the worker was started first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_binds_its_listener_before_the_worker_starts() {
+    let db = TestDb::new().await;
+    let sim = provisiond::sim::Simulator::start(provisiond::sim::SimConfig::default())
+        .await
+        .unwrap();
+    let mut child = against(&db, &sim)
+        .arg("serve")
+        .env("PROVISIOND__HTTP__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    // The log up to the worker's start (or its end, if serve died first). The reader keeps
+    // draining afterwards: a closed pipe would fail the daemon's next log line.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let _ = tx.send(line.unwrap());
+        }
+    });
+    let mut lines = Vec::new();
+    while let Some(line) = rx.recv().await {
+        let done = line.contains("worker starting");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    reader.join().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+    let at = |what: &str| lines.iter().position(|l| l.contains(what));
+    match (at("http listening"), at("worker starting")) {
+        (Some(listening), Some(worker)) => assert!(listening < worker, "{lines:#?}"),
+        other => panic!("{other:?}: {lines:#?}"),
+    }
+}
+
 /// Two real `provisiond serve` processes, configured only through the environment, share one
 /// database and one simulated cloud project: 100 purchases become exactly 100 servers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,7 +343,6 @@ async fn two_serve_processes_provision_100_jobs_without_duplicates() {
     let spawn = || {
         provisiond(&db)
             .arg("serve")
-            .env("PROVISIOND__WORKER__HANDLER", "provision")
             .env("PROVISIOND__WORKER__POLL_INTERVAL", "200ms")
             .env("PROVISIOND__HTTP__LISTEN", "")
             .env(
@@ -373,8 +429,7 @@ async fn two_serve_processes_provision_100_jobs_without_duplicates() {
 fn against(db: &TestDb, sim: &provisiond::sim::SimHandle) -> Command {
     let cfg = sim.config();
     let mut cmd = provisiond(db);
-    cmd.env("PROVISIOND__WORKER__HANDLER", "provision")
-        .env("PROVISIOND__HTTP__LISTEN", "")
+    cmd.env("PROVISIOND__HTTP__LISTEN", "")
         .env(
             "PROVISIOND__HETZNER__BASE_URL",
             sim.hetzner_base_url().as_str(),

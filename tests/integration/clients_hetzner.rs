@@ -9,6 +9,7 @@ use provisiond::secret::Secret;
 use provisiond::sim::{
     FaultKind, FaultRule, Faults, LatencyProfile, SimConfig, SimHandle, Simulator,
 };
+use provisiond::tools::sim_clients::SimClients;
 use std::collections::BTreeMap;
 use std::time::Duration;
 

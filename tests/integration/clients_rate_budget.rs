@@ -7,6 +7,7 @@ use provisiond::clients::hetzner::{CreateServerRequest, HetznerClient};
 use provisiond::clients::rate_budget::RateBudget;
 use provisiond::secret::Secret;
 use provisiond::sim::{SimConfig, SimHandle, SimState, Simulator};
+use provisiond::tools::sim_clients::SimClients;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,9 +163,9 @@ async fn after_a_429_nothing_is_sent_until_one_request_refilled_and_the_budget_r
 /// token, relative to the 429.
 async fn grants_after_a_429(limit_per_hour: u64) -> Vec<Duration> {
     let b = Arc::new(RateBudget::new());
-    b.observe(Some(limit_per_hour), Some(50));
-    b.observe(Some(limit_per_hour), Some(0));
-    b.rate_limited();
+    b.observe(Some(limit_per_hour), Some(50)).await;
+    b.observe(Some(limit_per_hour), Some(0)).await;
+    b.rate_limited().await;
     let t0 = tokio::time::Instant::now();
     let waiters: Vec<_> = (0..40)
         .map(|_| {
@@ -215,8 +216,8 @@ async fn after_a_429_the_refill_is_spread_evenly_over_the_work_in_flight() {
 #[tokio::test(start_paused = true)]
 async fn no_token_is_handed_out_while_the_budget_is_empty() {
     let b = Arc::new(RateBudget::new());
-    b.observe(Some(3600), Some(0));
-    b.rate_limited();
+    b.observe(Some(3600), Some(0)).await;
+    b.rate_limited().await;
     let waiter = {
         let b = b.clone();
         tokio::spawn(async move { b.acquire().await })
@@ -228,4 +229,128 @@ async fn no_token_is_handed_out_while_the_budget_is_empty() {
     );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(waiter.is_finished());
+}
+
+/// Three daemons' clients on one project (three tokens of it, three connection pools, as three
+/// processes would have), each sending 20 reads one after another, all three at once; returns
+/// the simulator's record and how many reads failed (after the client's own retries).
+async fn three_daemons_read(shared: Option<&crate::support::TestDb>) -> (SimState, usize) {
+    let h = Simulator::start(SimConfig {
+        hetzner_tokens: vec![Secret::new("d0"), Secret::new("d1"), Secret::new("d2")],
+        rate_limit_per_hour: 36_000,
+        rate_limit_burst: 5,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut clients = Vec::new();
+    for d in 0..3 {
+        let mut cfg = h.hetzner_config();
+        cfg.retry_base = Duration::from_millis(10);
+        cfg.token = Secret::new(format!("d{d}"));
+        let budget = match shared {
+            Some(db) => {
+                let store = provisiond::db::rate_budget::PgRateBudget::open(db.pool().await, "p1")
+                    .await
+                    .unwrap();
+                RateBudget::shared(Arc::new(store))
+            }
+            None => RateBudget::new(),
+        };
+        clients.push(HetznerClient::new(cfg).with_budget(Arc::new(budget)));
+    }
+    let id = one_server(&clients[0]).await;
+    let daemons = clients.iter().map(|c| async move {
+        let mut failed = 0;
+        for _ in 0..20 {
+            failed += usize::from(!matches!(c.get_server(id).await, Ok(Some(_))));
+        }
+        failed
+    });
+    let failed = futures::future::join_all(daemons).await.into_iter().sum();
+    let st = h.state();
+    h.shutdown().await;
+    (st, failed)
+}
+
+#[tokio::test]
+async fn daemons_sharing_a_project_share_one_budget_and_never_meet_a_429() {
+    let db = crate::support::TestDb::new().await;
+    let (st, failed) = three_daemons_read(Some(&db)).await;
+    assert_eq!(failed, 0);
+    assert!(
+        st.rate_limited.is_empty(),
+        "the shared budget overspent the project: {:?}",
+        st.rate_limited
+    );
+    // Used evenly: in the first half of the reads, each daemon had its share (reservations are
+    // served in the order they reach the database, whichever process made them; with a budget
+    // per process, the first to learn the headers would take more).
+    let reads: Vec<&str> = st
+        .log
+        .iter()
+        .filter(|r| r.route == "GET /v1/servers/{id}" && r.status == 200)
+        .map(|r| r.client.as_str())
+        .collect();
+    assert_eq!(reads.len(), 60);
+    for d in 0..3 {
+        let name = format!("hetzner#{d}");
+        let early = reads[..30].iter().filter(|c| **c == name).count();
+        assert!((8..=12).contains(&early), "{name}: {early} of the first 30");
+    }
+    assert!(
+        db.count("SELECT rate_limited FROM hetzner_rate_budgets WHERE project = 'p1'")
+            .await
+            == 0
+    );
+}
+
+/// The same load with a budget per process overspends the project: what the shared budget is for.
+#[tokio::test]
+async fn daemons_pacing_themselves_alone_overspend_a_shared_project() {
+    let (st, _) = three_daemons_read(None).await;
+    assert!(
+        !st.rate_limited.is_empty(),
+        "three separate budgets stayed within one project's limit by luck"
+    );
+}
+
+/// The shared bucket's arithmetic, read from the database's answers (no clock is waited on):
+/// after a 429 the next reservation waits one token's refill, the one after it two, and the
+/// API's `remaining` only ever lowers the count.
+#[tokio::test]
+async fn the_shared_bucket_empties_on_a_429_and_refills_one_token_at_a_time() {
+    use provisiond::clients::rate_budget::SharedBudgetStore;
+    let db = crate::support::TestDb::new().await;
+    let store = provisiond::db::rate_budget::PgRateBudget::open(db.pool().await, "p")
+        .await
+        .unwrap();
+    // 36,000/h: one token every 100 ms; the API says 20 are left.
+    let b = store.observe(Some(36_000), Some(20)).await.unwrap();
+    assert_eq!((b.limit_per_hour, b.capacity), (36_000.0, 21.0));
+    assert!((b.tokens - 20.0).abs() < 0.1, "{b:?}");
+    // A late response claiming more does not raise it.
+    let b = store.observe(Some(36_000), Some(30)).await.unwrap();
+    assert!(b.tokens < 20.5, "{b:?}");
+    let first = store.reserve().await.unwrap();
+    assert_eq!(first.wait, Duration::ZERO, "tokens are there");
+
+    let b = store.rate_limited().await.unwrap();
+    assert!(b.tokens.abs() < 0.05, "empty after a 429: {b:?}");
+    let next = store.reserve().await.unwrap();
+    let after = store.reserve().await.unwrap();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    // Measured from each reservation's own time, so the milliseconds this machine takes
+    // between statements come off the waits; the spacing stays one token (100 ms).
+    assert!(ms(next.wait) > 0.0 && ms(next.wait) <= 100.0, "{next:?}");
+    assert!(
+        ms(after.wait) > 100.0 && ms(after.wait) <= 200.0,
+        "{after:?}"
+    );
+    assert!(ms(after.wait) - ms(next.wait) > 50.0, "{next:?} {after:?}");
+    assert_eq!(
+        db.count("SELECT rate_limited FROM hetzner_rate_budgets WHERE project = 'p'")
+            .await,
+        1
+    );
 }

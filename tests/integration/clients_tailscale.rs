@@ -6,6 +6,7 @@ use provisiond::clients::tailscale::{
 };
 use provisiond::secret::Secret;
 use provisiond::sim::{FaultKind, FaultRule, Faults, SimConfig, SimHandle, Simulator};
+use provisiond::tools::sim_clients::SimClients;
 use std::time::{Duration, Instant};
 
 async fn sim(cfg: SimConfig) -> SimHandle {

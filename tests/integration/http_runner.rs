@@ -257,7 +257,8 @@ async fn the_seeds_error_answers() {
         (code, body["error"].as_str()),
         (400, Some("Missing status or type"))
     );
-    // §C.7's vector: authentic (not 401), but `job_123` is not one of our job ids.
+    // The runner protocol's published test vector: authentic (not 401), but `job_123` is not
+    // one of our job ids.
     let r = s
         .http
         .post(s.url("/api/webhooks/github"))

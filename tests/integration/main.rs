@@ -24,6 +24,7 @@ mod migrations;
 mod observability;
 mod provision;
 mod queue;
+mod serve;
 mod sim_api;
 mod sim_bench;
 mod sim_enrollment;

@@ -10,6 +10,7 @@ use provisiond::provision::watch::WatchSettings;
 use provisiond::provision::{ProvisionSettings, Provisioner, server_name};
 use provisiond::queue::{NewJob, Queue, QueueSettings};
 use provisiond::sim::{SimConfig, SimHandle, Simulator};
+use provisiond::tools::sim_clients::SimClients;
 use provisiond::worker::{JobContext, JobHandler, Worker, WorkerSettings};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

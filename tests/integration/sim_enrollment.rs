@@ -4,6 +4,7 @@
 use provisiond::clients::hetzner::{CreateServerRequest, HetznerClient};
 use provisiond::clients::tailscale::{AuthKey, CreateKey, DeviceFilter, TailscaleClient};
 use provisiond::sim::{Faults, LatencyProfile, SimConfig, SimHandle, Simulator};
+use provisiond::tools::sim_clients::SimClients;
 use std::collections::BTreeMap;
 use std::time::Duration;
 

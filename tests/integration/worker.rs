@@ -84,6 +84,32 @@ async fn wait_for_status(q: &Queue, id: Uuid, want: JobStatus, within: Duration)
     }
 }
 
+/// Waits until a connection to this database that started after `since_us` (µs since the
+/// epoch, PostgreSQL's clock) has run the worker's `LISTEN` and is idle on it: the worker can
+/// be woken from then on.
+async fn wait_for_listener(db: &TestDb, since_us: i64) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state = 'idle' \
+         AND query = 'LISTEN provisiond_jobs' \
+         AND backend_start > to_timestamp({since_us} / 1e6)",
+        db.name
+    );
+    let t0 = Instant::now();
+    while db.count(&sql).await == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the worker never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// PostgreSQL's clock, µs since the epoch.
+async fn db_now_us(db: &TestDb) -> i64 {
+    db.count("extract(epoch FROM clock_timestamp()) * 1e6")
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_an_idle_worker_well_inside_the_polling_interval() {
     let db = TestDb::new().await;
@@ -96,8 +122,8 @@ async fn notify_wakes_an_idle_worker_well_inside_the_polling_interval() {
         }),
         worker_settings("w"),
     );
-    // Let the worker go idle (its first claim found nothing) and its LISTEN connect.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The worker's LISTEN connection is up (from then on a NOTIFY wakes it).
+    wait_for_listener(&db, 0).await;
     for _ in 0..3 {
         let id = q.enqueue(&new_job()).await.unwrap().job().id;
         let took = wait_for_status(&q, id, JobStatus::Running, Duration::from_secs(10)).await;
@@ -121,11 +147,12 @@ async fn worker_keeps_claiming_after_its_connections_are_terminated() {
         }),
         worker_settings("w"),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_listener(&db, 0).await;
     let first = q.enqueue(&new_job()).await.unwrap().job().id;
     wait_for_status(&q, first, JobStatus::Running, Duration::from_secs(10)).await;
 
     // Kill every connection to this database: the pool's and the LISTEN connection.
+    let before = db_now_us(&db).await;
     let killed = db
         .count(&format!(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
@@ -134,7 +161,8 @@ async fn worker_keeps_claiming_after_its_connections_are_terminated() {
         ))
         .await;
     assert!(killed >= 2, "terminated {killed} connections");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A new LISTEN connection: the listener reconnected.
+    wait_for_listener(&db, before).await;
 
     // The listener reconnects, so new jobs are still picked up far inside the 30 s poll.
     for _ in 0..3 {

@@ -332,10 +332,12 @@ fn start_throwaway_cluster() -> String {
     if std::net::TcpStream::connect(("127.0.0.1", CLUSTER_PORT)).is_ok() {
         return url;
     }
-    let bin = provisiond::chaos::cluster::postgres_bindir().unwrap_or_else(|e| panic!("{e}"));
-    let as_root = provisiond::chaos::cluster::running_as_root();
+    let bin =
+        provisiond::tools::chaos::cluster::postgres_bindir().unwrap_or_else(|e| panic!("{e}"));
+    let as_root = provisiond::tools::chaos::cluster::running_as_root();
     let run = |program: &str, args: &[&str]| {
-        let mut cmd = provisiond::chaos::cluster::postgres_command(&bin.join(program), as_root);
+        let mut cmd =
+            provisiond::tools::chaos::cluster::postgres_command(&bin.join(program), as_root);
         let out = cmd
             .args(args)
             .output()

@@ -34,6 +34,9 @@ pub struct Fleet {
     database_url: Secret,
     logs: PathBuf,
     slots: Vec<Slot>,
+    /// Per-slot Hetzner tokens (several tokens of one project), when set: lets the simulator
+    /// tell the daemons' requests apart.
+    tokens: Vec<Secret>,
     pub kills: u32,
     pub restarts: u32,
     /// Processes that ended without being killed by us (e.g. a startup check that met a fault).
@@ -52,7 +55,6 @@ impl Fleet {
         let cfg = sim.config();
         let ms = |d: Duration| format!("{}ms", d.as_millis());
         let env: Vec<(String, String)> = [
-            ("PROVISIOND__WORKER__HANDLER", "provision".to_owned()),
             (
                 "PROVISIOND__WORKER__CONCURRENCY",
                 settings.concurrency.to_string(),
@@ -122,10 +124,22 @@ impl Fleet {
                     restart_at: Some(Instant::now()),
                 })
                 .collect(),
+            tokens: Vec::new(),
             kills: 0,
             restarts: 0,
             exits: 0,
         }
+    }
+
+    /// Sets (or overrides) one environment variable of every daemon started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Daemon `i` uses `tokens[i % len]` as its Hetzner token.
+    pub fn set_tokens(&mut self, tokens: Vec<Secret>) {
+        self.tokens = tokens;
     }
 
     /// The `application_name` prefix of every daemon connection.
@@ -142,10 +156,15 @@ impl Fleet {
             .append(true)
             .open(self.logs.join(format!("daemon-{slot}.log")))
             .context("open daemon log")?;
-        let child = Command::new(&self.binary)
-            .arg("serve")
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("serve")
             .env_remove("PROVISIOND_CONFIG")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if !self.tokens.is_empty() {
+            let token = &self.tokens[slot % self.tokens.len()];
+            cmd.env("PROVISIOND__HETZNER__TOKEN", token.expose());
+        }
+        let child = cmd
             .env("DATABASE_URL", url.as_str())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

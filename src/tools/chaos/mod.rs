@@ -15,7 +15,6 @@ mod report;
 
 pub use report::{ChaosReport, Check, ReapSummary};
 
-use crate::bench::Scratch;
 use crate::clients::hetzner::HetznerClient;
 use crate::clients::tailscale::TailscaleClient;
 use crate::db;
@@ -24,6 +23,8 @@ use crate::provision::reaper;
 use crate::queue::{NewJob, Queue, QueueSettings};
 use crate::secret::Secret;
 use crate::sim::{FaultKind, FaultRule, Faults, LatencyProfile, SimConfig, SimHandle, Simulator};
+use crate::tools::scratch::Scratch;
+use crate::tools::sim_clients::SimClients;
 use anyhow::Context;
 use cluster::{PrivateCluster, StopMode};
 use fleet::{DaemonSettings, Fleet};

@@ -2,17 +2,14 @@
 //! database, the built-in simulator standing in for Hetzner and Tailscale, a worker with the
 //! real step machine — printing each job's steps as they happen.
 
-use crate::bench::Scratch;
-use crate::clients::hetzner::HetznerClient;
-use crate::clients::tailscale::TailscaleClient;
-use crate::config::Regions;
 use crate::db;
 use crate::domain::Executor;
-use crate::provision::watch::WatchSettings;
-use crate::provision::{ProvisionSettings, Provisioner, server_name};
+use crate::provision::server_name;
 use crate::queue::{NewJob, Queue, QueueSettings};
 use crate::secret::Secret;
-use crate::sim::{LatencyProfile, SimConfig, SimHandle, Simulator};
+use crate::sim::{LatencyProfile, SimConfig, Simulator};
+use crate::tools::scratch::Scratch;
+use crate::tools::sim_clients::simulated_provisioner;
 use crate::worker::{Worker, WorkerSettings};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
@@ -44,25 +41,6 @@ pub async fn run(server: &Secret, args: DemoArgs) -> anyhow::Result<String> {
         "--jobs must be between 1 and 50"
     );
     Scratch::with(server, |url| async move { run_in(&url, &args).await }).await
-}
-
-/// The real step machine, with the daemon's production polling settings, against `sim`.
-pub(crate) fn simulated_provisioner(sim: &SimHandle) -> Provisioner {
-    Provisioner::new(
-        HetznerClient::new(sim.hetzner_config()),
-        TailscaleClient::new(sim.tailscale_config()),
-        ProvisionSettings {
-            server_type: "cpx22".into(),
-            image: "ubuntu-24.04".into(),
-            ssh_keys: Vec::new(),
-            regions: Regions::default(),
-            tags: sim.config().tailscale_tags.clone(),
-            key_expiry: Duration::from_secs(3600),
-            deadline: Duration::from_secs(900),
-            rollback_timeout: Duration::from_secs(60),
-        },
-        WatchSettings::default(),
-    )
 }
 
 async fn run_in(url: &Secret, args: &DemoArgs) -> anyhow::Result<String> {

@@ -5,13 +5,14 @@
 //! The load generator is in-process (reqwest over 127.0.0.1), bounded by request count; no
 //! worker runs, so the figures are the HTTP path alone: verify, parse, write, answer.
 
-use crate::bench::{Scratch, pgbench};
+use super::common::pgbench;
 use crate::config::{HttpConfig, Regions};
 use crate::db;
 use crate::domain::Executor;
 use crate::http::{HttpSettings, HttpState, serve};
 use crate::queue::{NewJob, Queue, QueueSettings};
 use crate::secret::Secret;
+use crate::tools::scratch::Scratch;
 use anyhow::Context;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
