@@ -76,7 +76,7 @@ impl WebApp {
             .env("DATABASE_URL", db.url.expose())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("start node");
@@ -139,7 +139,6 @@ fn serve(db: &TestDb, sim: &provisiond::sim::SimHandle, log: &Path) -> Child {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", db.url.expose())
         .env("PROVISIOND_LOG_FORMAT", "json")
-        .env("PROVISIOND__WORKER__HANDLER", "provision")
         .env("PROVISIOND__WORKER__POLL_INTERVAL", "200ms")
         .env("PROVISIOND__HTTP__LISTEN", "")
         // The test decides when a stale job is seen (the web app's on-read check, not the sweep).
