@@ -3,33 +3,10 @@
 //! `../shared/contracts/hetzner-cloud-openapi.json` with `datacenter` removed), and never carry
 //! `datacenter`.
 
+use crate::support::openapi_schema;
 use provisiond::sim::{LatencyProfile, SimConfig, SimHandle, Simulator};
 use serde_json::{Value, json};
 use std::time::Duration;
-
-/// OpenAPI 3.0 `nullable: true` is not JSON Schema: turn it into "or null".
-fn to_json_schema(v: &mut Value) {
-    match v {
-        Value::Object(map) => {
-            for child in map.values_mut() {
-                to_json_schema(child);
-            }
-            if map.remove("nullable") == Some(Value::Bool(true)) {
-                if let Some(Value::String(t)) = map.get("type").cloned() {
-                    map.insert("type".into(), json!([t, "null"]));
-                    if let Some(Value::Array(e)) = map.get_mut("enum") {
-                        e.push(Value::Null);
-                    }
-                } else {
-                    let inner = Value::Object(std::mem::take(map));
-                    map.insert("anyOf".into(), json!([inner, {"type": "null"}]));
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(to_json_schema),
-        _ => {}
-    }
-}
 
 struct Schemas(Value);
 
@@ -39,29 +16,12 @@ impl Schemas {
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/hetzner-openapi-subset.json"
         );
-        let mut doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        to_json_schema(&mut doc);
-        Schemas(doc)
-    }
-
-    fn validator(&self, name: &str) -> jsonschema::Validator {
-        let schema = json!({
-            "$ref": format!("#/components/schemas/{name}"),
-            "components": self.0["components"],
-        });
-        jsonschema::options()
-            .should_validate_formats(true)
-            .build(&schema)
-            .unwrap_or_else(|e| panic!("schema {name} compiles: {e}"))
+        Schemas(serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap())
     }
 
     /// Asserts `instance` is a valid `name` (a component schema).
     fn check(&self, name: &str, instance: &Value) {
-        let validator = self.validator(name);
-        let errors: Vec<String> = validator
-            .iter_errors(instance)
-            .map(|e| format!("{} at {}", e, e.instance_path()))
-            .collect();
+        let errors = openapi_schema::errors(&self.0, name, instance);
         assert!(errors.is_empty(), "{name}: {errors:#?}\n{instance:#}");
         assert!(
             !instance.to_string().contains("\"datacenter\""),
@@ -99,10 +59,27 @@ async fn the_fixture_is_the_spec_without_datacenter() {
             .contains(&json!("public_net"))
     );
     // The checker is not a rubber stamp: a server without `datacenter` but also without
-    // `status` is refused.
-    let schema = json!({"$ref": "#/components/schemas/server", "components": s.0["components"]});
-    let v = jsonschema::options().build(&schema).unwrap();
-    assert!(!v.is_valid(&json!({"id": 1, "name": "x"})));
+    // `status` is refused, and so are a wrong type, a bad label value and a bad timestamp.
+    let refused = |v: Value| !openapi_schema::errors(&s.0, "server", &v).is_empty();
+    assert!(refused(json!({"id": 1, "name": "x"})));
+    let server = json!({
+        "id": 1, "name": "x", "status": "running", "created": "2026-12-04T10:00:00+00:00",
+        "public_net": {"ipv4": null, "ipv6": null, "floating_ips": [], "firewalls": []},
+        "labels": {"job": "ok"}
+    });
+    // Each defect adds an error of its own (the partial server above is already incomplete).
+    let base = openapi_schema::errors(&s.0, "server", &server).len();
+    let adds_an_error = |v: &Value| openapi_schema::errors(&s.0, "server", v).len() > base;
+    for (field, bad) in [
+        ("id", json!("1")),
+        ("labels", json!({"job": "-bad-"})),
+        ("created", json!("yesterday")),
+        ("status", json!(7)),
+    ] {
+        let mut broken = server.clone();
+        broken[field] = bad.clone();
+        assert!(adds_an_error(&broken), "{field} = {bad} passes");
+    }
 }
 
 #[tokio::test]
@@ -129,7 +106,8 @@ async fn create_get_list_delete_and_action_responses_match_the_spec() {
     assert_eq!(st, 201);
     s.check("create_server_response", &created);
     // The same response with one wrong enum, one bad timestamp or one missing key is refused.
-    let create = s.validator("create_server_response");
+    let create_valid =
+        |v: &Value| openapi_schema::errors(&s.0, "create_server_response", v).is_empty();
     for (pointer, bad) in [
         ("/server/status", json!("teleporting")),
         ("/action/started", json!("yesterday")),
@@ -137,11 +115,11 @@ async fn create_get_list_delete_and_action_responses_match_the_spec() {
     ] {
         let mut broken = created.clone();
         *broken.pointer_mut(pointer).unwrap() = bad;
-        assert!(!create.is_valid(&broken), "{pointer} should be refused");
+        assert!(!create_valid(&broken), "{pointer} should be refused");
     }
     let mut no_next = created.clone();
     no_next.as_object_mut().unwrap().remove("next_actions");
-    assert!(!create.is_valid(&no_next));
+    assert!(!create_valid(&no_next));
     assert!(
         created["root_password"].is_string(),
         "no ssh keys: a password"

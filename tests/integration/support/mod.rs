@@ -9,7 +9,10 @@
 //!
 //! The template's name carries a hash of `migrations/`, so a changed migration gets a new
 //! template. Creating it is serialised across processes with an advisory lock.
+
 #![allow(dead_code)]
+
+pub mod openapi_schema;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use provisiond::secret::Secret;
